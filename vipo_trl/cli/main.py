@@ -1,4 +1,4 @@
-"""The `vipo-trl` command: `train`, `cache` and `env` (also `python -m vipo_trl`)."""
+"""The `vipo-trl` command: `train`, `cache`, `eval`, `diagnose` and `env` (also `python -m vipo_trl`)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ import platform
 import sys
 from typing import Any
 
-from .parser import CacheArguments, CliError, LoraArguments, ScriptArguments, VipoArgumentParser
+from .parser import (
+    CacheArguments,
+    CliError,
+    DiagnoseArguments,
+    EvalArguments,
+    LoraArguments,
+    ScriptArguments,
+    VipoArgumentParser,
+)
 
 USAGE = """usage: vipo-trl <command> [flags]
 
 commands:
   train    align a diffusion/flow model with Poly-DPO (or another preference loss)
   cache    precompute VAE latents and prompt embeddings into a latent cache
+  eval     generate with a base model and base + LoRA, score both, report win rates
+  diagnose score both images of each pair of a preference set: label agreement, consistency, suggested alpha
   env      print the versions to paste into a bug report
 
 `vipo-trl <command> --help` lists every flag; `--config run.yaml` reads them from a file."""
@@ -83,6 +93,86 @@ def cache(argv: list[str]) -> None:
     print(f"latent cache written to {folder}")
 
 
+def evaluate(argv: list[str]) -> None:
+    from ..eval import evaluate_alignment, load_prompts
+
+    (args,) = VipoArgumentParser([EvalArguments], prog="vipo-trl eval").parse(argv)
+    embedded = args.model is None
+    if embedded:
+        from ..default import ALL_SCENES, MODEL_DIR
+
+        model, prompts, scorers, steps, guidance = str(MODEL_DIR), [s.prompt for s in ALL_SCENES], ["shapes"], 20, 4.0
+    else:
+        model, prompts, scorers, steps, guidance = args.model, None, ["pickscore"], 30, 7.5
+    if args.prompts is not None or prompts is None:
+        try:
+            prompts = load_prompts(args.prompts, args.prompt_column)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--prompts: {exc}") from None
+    prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
+    try:
+        result = evaluate_alignment(
+            model,
+            args.lora,
+            prompts,
+            args.scorers or scorers,
+            seeds=args.seeds,
+            num_inference_steps=args.num_inference_steps or steps,
+            guidance_scale=args.guidance_scale if args.guidance_scale is not None else guidance,
+            output_dir=args.output_dir,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+    except ValueError as exc:  # an unknown scorer, a bad prompt file, ...
+        raise CliError(str(exc)) from None
+    print(f"{len(result.prompts)} images per model ({len(prompts)} prompts x {len(args.seeds)} seeds)")
+    print(result.table())
+    print(f"results.json, results.md, grid.png (top: base, bottom: aligned) and scores.png in {args.output_dir}")
+
+
+def diagnose(argv: list[str]) -> None:
+    from ..eval import diagnose as run_diagnosis
+
+    if argv and not argv[0].startswith("-"):  # `vipo-trl diagnose DATASET [flags]`
+        argv = ["--dataset", argv[0], *argv[1:]]
+    (args,) = VipoArgumentParser([DiagnoseArguments], prog="vipo-trl diagnose").parse(argv)
+    try:
+        config = args.to_config()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if args.dataset is None:
+        raise CliError("name the preference set: vipo-trl diagnose DATASET (or default:clean|noisy|easy).")
+    if args.dataset.startswith("default:"):
+        from ..default import KINDS, load_default_pipeline, make_preference_set
+
+        kind = args.dataset.split(":", 1)[1]
+        if kind not in KINDS:
+            raise CliError(
+                f"--dataset {args.dataset}: the embedded sets are {', '.join('default:' + k for k in KINDS)}."
+            )
+        dataset, _ = make_preference_set(kind, load_default_pipeline(), seed=config.seed)
+        scorers = args.scorers or ["shapes"]
+    else:
+        script = ScriptArguments(dataset=args.dataset, dataset_config=args.dataset_config, split=args.split)
+        dataset = load_preference_dataset(script)
+        scorers = args.scorers or ["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"]
+    try:
+        report = run_diagnosis(
+            dataset,
+            scorers,
+            config,
+            max_pairs=args.max_pairs,
+            easy_relevance=args.easy_relevance,
+            prompt_shuffles=args.prompt_shuffles,
+            output_dir=args.output_dir,
+            device=args.device,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(report)
+    print(f"diagnosis.json, diagnosis.txt and diagnosis.png in {args.output_dir}")
+
+
 def env(argv: list[str]) -> None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -104,7 +194,7 @@ def env(argv: list[str]) -> None:
     print("\n".join(f"- {k.ljust(width)}: {v}" for k, v in lines.items()))
 
 
-COMMANDS = {"train": train, "cache": cache, "env": env}
+COMMANDS = {"train": train, "cache": cache, "eval": evaluate, "diagnose": diagnose, "env": env}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,82 @@ class CacheArguments:
     encode_batch_size: int = field(default=8, metadata={"help": "Pairs encoded at once."})
 
 
+@dataclass
+class EvalArguments:
+    """What `vipo-trl eval` generates and scores."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Hub id or folder of the base pipeline (default: the embedded shapes model)."}
+    )
+    lora: str | None = field(default=None, metadata={"help": "LoRA folder or hub id to compare with the base."})
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .txt (one prompt per line) or .json list, or a dataset (hub id, folder, parquet) whose "
+            "--prompt_column to use; default: a built-in set (the scene prompts for the embedded model)."
+        },
+    )
+    prompt_column: str = field(default="caption", metadata={"help": "Prompt column when --prompts is a dataset."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds; one image per prompt x seed."})
+    scorers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Scorer names (clip, pickscore, hpsv2, imagereward, aesthetic, shapes); default: pickscore, "
+            "or shapes for the embedded model."
+        },
+    )
+    num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps (default 30; 20)."})
+    guidance_scale: float | None = field(default=None, metadata={"help": "Classifier-free guidance (default 7.5; 4)."})
+    batch_size: int = field(default=8, metadata={"help": "Images generated at once."})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
+    output_dir: str = field(default="vipo-eval", metadata={"help": "Where results.json, grid.png, scores.png go."})
+    config: str | None = field(default=None, metadata={"help": "YAML file of defaults; command-line flags override."})
+
+
+@dataclass
+class DiagnoseArguments:
+    """What `vipo-trl diagnose` reads and how."""
+
+    def to_config(self) -> Any:
+        """The `PolyDPOConfig` that reads the set as training would (schema, columns, ties)."""
+        from ..trainer import PolyDPOConfig
+
+        names = ("dataset_schema", "prompt_column", "chosen_column", "rejected_column", "category_column", "seed")
+        return PolyDPOConfig(output_dir=self.output_dir, report_to=[], **{k: getattr(self, k) for k in names})
+
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id, save_to_disk folder or data file of a preference set, or default:clean|noisy|easy for "
+            "the embedded model's synthetic sets. May also be given as the first argument."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    split: str = field(default="train", metadata={"help": "Split."})
+    scorers: list[str] | None = field(
+        default=None, metadata={"help": "Scorer names (default: pickscore hpsv2 imagereward aesthetic clip; shapes)."}
+    )
+    max_pairs: int | None = field(default=1000, metadata={"help": "Diagnose at most this many pairs (in order)."})
+    easy_relevance: float = field(
+        default=0.25,
+        metadata={
+            "help": "A pair is easy when its loser keeps at most this share of the winner's "
+            "relevance to the prompt (for every scorer)."
+        },
+    )
+    prompt_shuffles: int = field(default=2, metadata={"help": "Other prompts each image is also scored against."})
+    dataset_schema: str = field(default="auto", metadata={"help": "auto, pickapic or generic."})
+    prompt_column: str | None = field(default=None, metadata={"help": "Prompt column (default: caption / prompt)."})
+    chosen_column: str = field(default="chosen", metadata={"help": "Chosen image column (generic schema)."})
+    rejected_column: str = field(default="rejected", metadata={"help": "Rejected image column (generic schema)."})
+    category_column: str | None = field(default=None, metadata={"help": "Category column: figures per category."})
+    seed: int = field(default=0, metadata={"help": "Seed of the prompt shuffles (and of default:* sets)."})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
+    output_dir: str = field(default="vipo-diagnosis", metadata={"help": "Where diagnosis.json/.txt/.png go."})
+    config: str | None = field(default=None, metadata={"help": "YAML file of defaults; command-line flags override."})
+
+
 class CliError(SystemExit):
     """A usage error: printed without a traceback, exit status 2."""
 

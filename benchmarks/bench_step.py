@@ -1,0 +1,341 @@
+"""PolyDPOTrainer against the reference Diffusion-DPO training loop: time per step and peak memory, side by side.
+
+The reference is a minimal loop written the way the original Diffusion-DPO example trains: a full copy of the UNet
+for the policy and a second full copy for the reference, the VAE and the text encoder run on every step, AdamW, the
+gradient clipped to 1. Every mode trains the same model on the same pairs at the same batch, each in a fresh
+subprocess (so each peak memory is its own), the modes alternating, `--repeats` rounds. Printed: each mode's median
+time per step and peak memory, and the ratios the performance targets are stated in (min/median/max over rounds;
+each ratio is taken within one round, so machine noise between rounds cancels).
+
+    python benchmarks/bench_step.py                 # CPU, small SD config, 3 rounds
+    python benchmarks/bench_step.py --smoke         # seconds: tiny config, 1 round (CI)
+    python benchmarks/bench_step.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --resolution 512 \\
+        --batch 4 --bf16 --steps 20                 # a real checkpoint on a GPU
+
+Peak memory is CUDA max allocated on a GPU; on a CPU it is the growth of the peak resident set size from just before
+the model is loaded (Python and the libraries are left out; allocator caches are not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import pickapic_pairs, small_sd, spread  # noqa: E402
+
+MODES = {
+    "reference": "reference loop: two full UNet copies, VAE + text encoder every step",
+    "full": "PolyDPOTrainer, full fine-tune",
+    "full_8bit": "PolyDPOTrainer, full fine-tune, 8-bit AdamW",
+    "lora": "PolyDPOTrainer, LoRA (reference = adapters disabled)",
+    "lora_cache": "PolyDPOTrainer, LoRA + latent cache",
+    "lora_cache_gc": "PolyDPOTrainer, LoRA + latent cache + gradient checkpointing",
+    "lora_cache_mapo": "PolyDPOTrainer, LoRA + latent cache, reference-free loss (MaPO)",
+}
+#: Optional modes (`--extra`): not part of the targets.
+EXTRA_MODES = {
+    "lora_cache_compile": "PolyDPOTrainer, LoRA + latent cache + torch.compile (TrainingArguments.torch_compile)",
+}
+BETA = 2000.0  # Diffusion-DPO's beta for SD 1.5
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+# (name, numerator mode, denominator mode, quantity, target, "<=" or ">=")
+TARGETS = [
+    ("trainer overhead: full fine-tune time/step vs reference", "full", "reference", "seconds_per_step", 1.05, "<="),
+    ("LoRA peak memory vs reference (two copies)", "lora", "reference", "peak_mb", 0.6, "<="),
+    ("latent cache steps/s vs re-encoding (LoRA)", "lora", "lora_cache", "seconds_per_step", 1.3, ">="),
+    (
+        "reference-free loss steps/s vs Poly-DPO (LoRA + cache)",
+        "lora_cache",
+        "lora_cache_mapo",
+        "seconds_per_step",
+        1.2,
+        ">=",
+    ),
+]
+
+
+class MemoryProbe:
+    """Peak memory from now on: CUDA max allocated on a GPU; on a CPU the peak growth of the resident set size over
+    its value now, sampled every millisecond by a thread (the process-lifetime `ru_maxrss` would include imports)."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.cuda = device == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def peak_mb(self) -> float:
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        self.running = False
+        self.thread.join()
+        return (max(self.peak, self._rss()) - self.base) / 2**20
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference_loop(opts: argparse.Namespace) -> tuple[list[float], float]:
+    """Diffusion-DPO the way its reference script trains: returns step end times and peak memory (MB)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from datasets import load_from_disk
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    data = load_from_disk(opts.data)
+    device, dtype = opts.device, torch.bfloat16 if opts.bf16 else torch.float32
+    probe = MemoryProbe(device)
+    tokenizer = CLIPTokenizer.from_pretrained(opts.model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(opts.model, subfolder="text_encoder").to(device, dtype)
+    vae = AutoencoderKL.from_pretrained(opts.model, subfolder="vae").to(device, dtype)
+    unet = UNet2DConditionModel.from_pretrained(opts.model, subfolder="unet").to(device).train()
+    ref_unet = UNet2DConditionModel.from_pretrained(opts.model, subfolder="unet").to(device, dtype).eval()
+    for frozen in (text_encoder, vae, ref_unet):
+        frozen.requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(opts.model, subfolder="scheduler")
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    size = opts.resolution
+
+    def to_tensor(data_bytes: bytes) -> torch.Tensor:
+        import io
+
+        image = Image.open(io.BytesIO(data_bytes)).convert("RGB")
+        image = image.resize((size, size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+    stamps = []
+    b = opts.batch
+    for step in range(opts.steps + 2):
+        start = (step * b) % (len(data) - b + 1)
+        rows = data[start : start + b]
+        chosen = [r0 if l0 == 1 else r1 for r0, r1, l0 in zip(rows["jpg_0"], rows["jpg_1"], rows["label_0"])]
+        rejected = [r1 if l0 == 1 else r0 for r0, r1, l0 in zip(rows["jpg_0"], rows["jpg_1"], rows["label_0"])]
+        pixels = torch.stack([to_tensor(x) for x in chosen + rejected]).to(device, dtype)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            ids = tokenizer(
+                rows["caption"],
+                max_length=tokenizer.model_max_length,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            hidden = text_encoder(ids)[0].repeat(2, 1, 1)
+        noise = torch.randn_like(latents[:b]).repeat(2, 1, 1, 1)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=device).repeat(2)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=opts.bf16):
+            prediction = unet(noisy, timesteps, hidden).sample
+        errors = (prediction.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
+        with torch.no_grad():
+            ref_errors = (ref_unet(noisy, timesteps, hidden).sample.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
+        model_diff = errors[:b] - errors[b:]
+        ref_diff = ref_errors[:b] - ref_errors[b:]
+        loss = -F.logsigmoid(-0.5 * BETA * (model_diff - ref_diff)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        stamps.append(time.perf_counter())
+    return stamps, probe.peak_mb()
+
+
+def trainer_run(mode: str, opts: argparse.Namespace) -> tuple[list[float], float]:
+    from datasets import load_from_disk
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    from vipo_trl import PolyDPOConfig, PolyDPOTrainer
+
+    use_cache = "_cache" in mode
+    dataset = opts.cache if use_cache else load_from_disk(opts.data)
+    args = PolyDPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        resolution=opts.resolution,
+        per_device_train_batch_size=opts.batch,
+        max_steps=opts.steps + 2,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        optim="adamw_bnb_8bit" if mode.endswith("8bit") else "adamw_torch",
+        beta=BETA,
+        loss_type=["mapo"] if mode.endswith("mapo") else ["poly_dpo"],
+        gradient_checkpointing=mode.endswith("_gc"),
+        torch_compile=mode.endswith("compile"),
+        bf16=opts.bf16,
+        use_cpu=opts.device == "cpu",
+        random_flip=False,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        logging_steps=10_000,
+    )
+    probe = MemoryProbe(opts.device)
+    lora = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_r, target_modules=LORA_TARGETS)
+    trainer = PolyDPOTrainer(opts.model, args, dataset, peft_config=lora if mode.startswith("lora") else None)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            _sync(opts.device)
+            stamps.append(time.perf_counter())
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return stamps, probe.peak_mb()
+
+
+def worker(mode: str, opts: argparse.Namespace) -> None:
+    import torch
+
+    if opts.device == "cpu":
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(0)
+    stamps, peak_mb = reference_loop(opts) if mode == "reference" else trainer_run(mode, opts)
+    # The first two steps are warm-up (allocator, lazy initialisation, compilation).
+    seconds_per_step = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
+    print(json.dumps({"mode": mode, "seconds_per_step": seconds_per_step, "peak_mb": peak_mb}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a Stable Diffusion 1.x/2.x pipeline (default: a small config built here)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny config, 1 round, 3 steps: checks it all runs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per run (after 2 warm-up steps)")
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--unet_width", type=int, default=64, help="small config: the UNet's base width")
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (frozen networks in bf16)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=[*MODES, *EXTRA_MODES])
+    parser.add_argument("--extra", action="store_true", help="also run " + ", ".join(EXTRA_MODES))
+    parser.add_argument("--json", help="also write every measurement and ratio to this file")
+    parser.add_argument("--worker", choices=[*MODES, *EXTRA_MODES], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.device is None:
+        import torch
+
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.worker:
+        return worker(opts.worker, opts)
+    if opts.smoke:
+        opts.repeats, opts.steps, opts.batch, opts.resolution, opts.unet_width = 1, 3, 2, 64, 16
+    if opts.extra:
+        opts.modes += [m for m in EXTRA_MODES if m not in opts.modes]
+
+    from datasets import load_from_disk
+
+    from vipo_trl import PolyDPOConfig
+    from vipo_trl.data import build_latent_cache
+
+    work = Path(tempfile.mkdtemp())
+    if opts.model is None:
+        opts.model = str(work / "model")
+        small_sd(opts.model, unet_width=opts.unet_width, unet_levels=3)
+    pairs = max(4 * opts.batch, 16)
+    pickapic_pairs(pairs, opts.resolution * 2).save_to_disk(str(work / "data"))
+    opts.data, opts.cache = str(work / "data"), str(work / "cache")
+    if any("_cache" in m for m in opts.modes):
+        config = PolyDPOConfig(output_dir=str(work), resolution=opts.resolution, random_flip=False, report_to=[])
+        build_latent_cache(opts.model, load_from_disk(opts.data), opts.cache, config, show_progress=False)
+
+    forwarded = ["--model", opts.model, "--data", opts.data, "--cache", opts.cache, "--device", opts.device]
+    for key in ("steps", "batch", "resolution", "lora_r", "threads"):
+        forwarded += [f"--{key}", str(getattr(opts, key))]
+    forwarded += ["--bf16"] if opts.bf16 else []
+    rounds: list[dict[str, dict]] = []
+    for round_index in range(opts.repeats):
+        results = {}
+        for mode in opts.modes:
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", mode, *forwarded], capture_output=True, text=True
+            )
+            if out.returncode != 0:
+                sys.exit(f"mode {mode} failed:\n{out.stderr[-4000:]}")
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(
+                f"round {round_index + 1}/{opts.repeats} {mode:>18}: {results[mode]['seconds_per_step']:.3f} s/step, "
+                f"peak {results[mode]['peak_mb']:.0f} MB",
+                flush=True,
+            )
+        rounds.append(results)
+    report(opts, rounds)
+
+
+def report(opts: argparse.Namespace, rounds: list[dict[str, dict]]) -> None:
+    def median(mode: str, key: str) -> float:
+        return statistics.median(r[mode][key] for r in rounds)
+
+    print(
+        f"\nmodel {opts.model if '/' in opts.model and not opts.model.startswith('/') else 'small SD config'}"
+        f" (UNet width {opts.unet_width}), batch {opts.batch} pairs, {opts.resolution}px, "
+        f"{'bf16' if opts.bf16 else 'fp32'}, device {opts.device}, {opts.repeats} rounds of {opts.steps} timed steps"
+    )
+    print("| mode | s/step (median) | steps/s vs reference | peak MB (median) | peak vs reference |")
+    print("|---|---|---|---|---|")
+    ref = "reference" in opts.modes
+    for mode in opts.modes:
+        speed = [r["reference"]["seconds_per_step"] / r[mode]["seconds_per_step"] for r in rounds] if ref else None
+        memory = [r[mode]["peak_mb"] / r["reference"]["peak_mb"] for r in rounds] if ref else None
+        print(
+            f"| {mode}: {(MODES | EXTRA_MODES)[mode]} | {median(mode, 'seconds_per_step'):.3f} | "
+            f"{statistics.median(speed):.2f}x | {median(mode, 'peak_mb'):.0f} | "
+            f"{statistics.median(memory):.2f}x |"
+            if ref
+            else f"| {mode} | {median(mode, 'seconds_per_step'):.3f} | - | {median(mode, 'peak_mb'):.0f} | - |"
+        )
+    summary = {"rounds": rounds, "targets": []}
+    print("\ntargets (ratio min/median/max over rounds):")
+    for name, top, bottom, key, target, sense in TARGETS:
+        if top not in opts.modes or bottom not in opts.modes:
+            continue
+        ratios = [r[top][key] / r[bottom][key] for r in rounds]
+        met = statistics.median(ratios) <= target if sense == "<=" else statistics.median(ratios) >= target
+        print(f"  {name}: {spread(ratios)} (target {sense} {target}: {'met' if met else 'MISSED'})")
+        summary["targets"].append({"name": name, "ratios": ratios, "target": target, "sense": sense, "met": met})
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Pieces the benchmark scripts share: a small Stable Diffusion pipeline of realistic depth, preference pairs in
+Pick-a-Pic v2's schema, and a min/median/max summary of ratios."""
+
+from __future__ import annotations
+
+import statistics
+
+from datasets import Dataset
+
+
+def small_sd(path: str, unet_width: int = 32, unet_levels: int = 2, seed: int = 0) -> None:
+    """SD-like proportions at a small width: 4-level VAE (8x downsampling, as SD's), a UNet of `unet_levels` levels
+    (the last ones with cross-attention) with base width `unet_width`, and a 4-layer CLIP text encoder."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from vipo_trl.testing import tiny_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(max_length=77)
+    widths = tuple(unet_width * min(2**i, 4) for i in range(unet_levels))
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(
+            block_out_channels=widths,
+            layers_per_block=2,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (unet_levels - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (unet_levels - 1) + ("UpBlock2D",),
+            cross_attention_dim=64,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ),
+        vae=AutoencoderKL(
+            block_out_channels=(32, 64, 64, 64),
+            layers_per_block=2,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+        ),
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=64,
+                intermediate_size=256,
+                num_attention_heads=4,
+                num_hidden_layers=4,
+                max_position_embeddings=77,
+                vocab_size=len(tokenizer),
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        ),
+        tokenizer=tokenizer,
+        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+
+
+def pickapic_pairs(n: int, image_size: int) -> Dataset:
+    """`n` pairs in Pick-a-Pic v2's schema with PNG images of `image_size` pixels (larger than the training crop, as
+    real data is)."""
+    from vipo_trl.testing import pickapic_dataset, png_bytes
+
+    return pickapic_dataset(n).map(
+        lambda row, i: {
+            "jpg_0": png_bytes((200, 30 + i % 50, 30), (image_size, image_size)),
+            "jpg_1": png_bytes((30, 30 + i % 50, 200), (image_size, image_size)),
+        },
+        with_indices=True,
+    )
+
+
+def spread(values: list[float]) -> str:
+    return f"min {min(values):.2f}, median {statistics.median(values):.2f}, max {max(values):.2f}"

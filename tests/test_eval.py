@@ -1,0 +1,481 @@
+"""Evaluation: scorers on tiny random models (no downloads), checkpoint conversion, win rates, diagnose, eval."""
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+from torch import nn
+
+from vipo_trl.default import ALL_SCENES, Scene, render
+from vipo_trl.eval import (
+    RewardScorer,
+    available_scorers,
+    convert_imagereward_state_dict,
+    diagnose,
+    evaluate_alignment,
+    get_scorer,
+    register_scorer,
+    suggest_alpha,
+    summarize,
+    win_rate,
+)
+from vipo_trl.testing import tiny_clip_tokenizer
+
+WIDTH, LAYERS, HEADS, EMBED, IMAGE, PATCH = 32, 2, 4, 16, 30, 6
+
+
+def tiny_clip(path):
+    """A random CLIP model and its processor, saved like a hub checkpoint."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(0)
+    tokenizer = tiny_clip_tokenizer(max_length=16)
+    tower = dict(
+        hidden_size=WIDTH,
+        intermediate_size=37,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        projection_dim=EMBED,
+    )
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_act="gelu",
+            **tower,
+        ),
+        vision_config=dict(image_size=IMAGE, patch_size=PATCH, hidden_act="gelu", **tower),
+        projection_dim=EMBED,
+    )
+    CLIPModel(config).save_pretrained(path)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE}),
+        tokenizer=tokenizer,
+    )
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def pictures(n=5):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+PROMPTS = ["a red cat", "a dog", "blue sky", "a red cat", "two trees"]
+
+
+def test_clip_and_pickscore_match_a_hand_computation_and_batching(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = tiny_clip(tmp_path / "clip")
+    model, processor = CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
+    inputs = processor(text=PROMPTS, images=pictures(), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=inputs["pixel_values"])
+        text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    image = getattr(image, "pooler_output", image)
+    text = getattr(text, "pooler_output", text)
+    cosine = nn.functional.cosine_similarity(image, text)
+
+    clip = get_scorer("clip", model=folder, device="cpu", batch_size=2)
+    torch.testing.assert_close(clip.score(pictures(), PROMPTS), 100 * cosine.clamp(min=0), atol=1e-4, rtol=1e-4)
+    pick = get_scorer("pickscore", model=folder, device="cpu", batch_size=16)
+    expected = model.logit_scale.exp().item() * cosine
+    torch.testing.assert_close(pick.score(pictures(), PROMPTS), expected, atol=1e-4, rtol=1e-4)
+    # Batching does not change a score.
+    pick2 = get_scorer("pickscore", model=folder, device="cpu", batch_size=2)
+    torch.testing.assert_close(pick2.score(pictures(), PROMPTS), pick.score(pictures(), PROMPTS), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        clip.score(pictures(2), PROMPTS)
+
+
+class OpenClipLayout(nn.Module):
+    """A CLIP written the way open_clip names its parameters (the HPSv2.1 checkpoint's layout), with its own forward:
+    the reference the converted transformers model must reproduce."""
+
+    def __init__(self, vocab: int, context: int):
+        super().__init__()
+
+        def blocks():
+            return nn.ModuleDict(
+                {
+                    "resblocks": nn.ModuleList(
+                        nn.ModuleDict(
+                            {
+                                "ln_1": nn.LayerNorm(WIDTH),
+                                "attn": nn.MultiheadAttention(WIDTH, HEADS, batch_first=True),
+                                "ln_2": nn.LayerNorm(WIDTH),
+                                "mlp": nn.ModuleDict({"c_fc": nn.Linear(WIDTH, 37), "c_proj": nn.Linear(37, WIDTH)}),
+                            }
+                        )
+                        for _ in range(LAYERS)
+                    )
+                }
+            )
+
+        self.token_embedding = nn.Embedding(vocab, WIDTH)
+        self.positional_embedding = nn.Parameter(torch.randn(context, WIDTH) * 0.1)
+        self.transformer = blocks()
+        self.ln_final = nn.LayerNorm(WIDTH)
+        self.text_projection = nn.Parameter(torch.randn(WIDTH, EMBED) * 0.2)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        grid = (IMAGE // PATCH) ** 2
+        self.visual = nn.Module()
+        self.visual.conv1 = nn.Conv2d(3, WIDTH, PATCH, PATCH, bias=False)
+        self.visual.class_embedding = nn.Parameter(torch.randn(WIDTH) * 0.1)
+        self.visual.positional_embedding = nn.Parameter(torch.randn(grid + 1, WIDTH) * 0.1)
+        self.visual.ln_pre = nn.LayerNorm(WIDTH)
+        self.visual.transformer = blocks()
+        self.visual.ln_post = nn.LayerNorm(WIDTH)
+        self.visual.proj = nn.Parameter(torch.randn(WIDTH, EMBED) * 0.2)
+        for p in self.parameters():  # random layer norms too, so a swapped norm would show
+            if p.dim() == 1 and p.shape[0] == WIDTH:
+                p.data.normal_(1.0, 0.1)
+
+    @staticmethod
+    def _run(tower, x, mask=None):
+        for block in tower["resblocks"]:
+            h = block["ln_1"](x)
+            x = x + block["attn"](h, h, h, attn_mask=mask, need_weights=False)[0]
+            h = block["ln_2"](x)
+            x = x + block["mlp"]["c_proj"](nn.functional.gelu(block["mlp"]["c_fc"](h)))
+        return x
+
+    def encode_text(self, ids, eos_id):
+        n = ids.shape[1]
+        mask = torch.full((n, n), float("-inf")).triu(1)
+        x = self._run(self.transformer, self.token_embedding(ids) + self.positional_embedding[:n], mask)
+        x = self.ln_final(x)
+        eos = (ids == eos_id).int().argmax(dim=-1)  # the first end-of-text token
+        return x[torch.arange(len(ids)), eos] @ self.text_projection
+
+    def encode_image(self, pixels):
+        v = self.visual
+        x = v.conv1(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([v.class_embedding.expand(len(x), 1, -1), x], dim=1) + v.positional_embedding
+        x = self._run(v.transformer, v.ln_pre(x))
+        return v.ln_post(x[:, 0]) @ v.proj
+
+
+def test_hpsv2_converts_an_open_clip_checkpoint_exactly(tmp_path):
+    from transformers import CLIPProcessor
+
+    base = tiny_clip(tmp_path / "base")  # the architecture (config) and processor HPSv2.1 is built on
+    tokenizer = tiny_clip_tokenizer(max_length=16)
+    torch.manual_seed(1)
+    reference = OpenClipLayout(len(tokenizer), 16).eval()
+    (tmp_path / "hps").mkdir()
+    torch.save({"epoch": 1, "state_dict": reference.state_dict()}, tmp_path / "hps" / "hps.pt")
+
+    scorer = get_scorer("hpsv2", model=str(tmp_path / "hps"), checkpoint="hps.pt", base=base, device="cpu")
+    inputs = CLIPProcessor.from_pretrained(base)(text=PROMPTS, images=pictures(), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        image = reference.encode_image(inputs["pixel_values"])
+        text = reference.encode_text(inputs["input_ids"], eos_id=1)
+    expected = 100 * nn.functional.cosine_similarity(image, text)
+    torch.testing.assert_close(scorer.score(pictures(), PROMPTS), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_checkpoint_that_is_not_plain_tensors_is_refused(tmp_path):
+    base = tiny_clip(tmp_path / "base")
+    (tmp_path / "bad").mkdir()
+    torch.save({"state_dict": {}, "opts": ExoticObject()}, tmp_path / "bad" / "hps.pt")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        get_scorer("hpsv2", model=str(tmp_path / "bad"), checkpoint="hps.pt", base=base, device="cpu")
+
+
+class ExoticObject:
+    pass
+
+
+def tiny_blip(path):
+    from transformers import BertTokenizer, BlipConfig, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "cat", "dog", "blue", "sky", "two", "trees"]
+    path.mkdir()
+    (path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(path / "vocab.txt"))
+    config = BlipConfig(
+        vision_config=dict(
+            hidden_size=WIDTH,
+            intermediate_size=37,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            image_size=32,
+            patch_size=16,
+        ),
+        text_config=dict(
+            vocab_size=len(words),
+            hidden_size=WIDTH,
+            intermediate_size=37,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            encoder_hidden_size=WIDTH,
+            max_position_embeddings=40,
+        ),
+    )
+    config.save_pretrained(path)
+    BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    ).save_pretrained(path)
+    return config
+
+
+def test_imagereward_loads_the_authors_layout_and_scores_like_its_forward(tmp_path):
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    config = tiny_blip(tmp_path / "blip")
+    torch.manual_seed(2)
+    blip = BlipForImageTextRetrieval(config).eval()
+    head = nn.Sequential(
+        nn.Linear(WIDTH, 1024),
+        nn.Dropout(),
+        nn.Linear(1024, 128),
+        nn.Dropout(),
+        nn.Linear(128, 64),
+        nn.Dropout(),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    ).eval()
+    # The authors' checkpoint layout: timm-style ViT under blip.visual_encoder, BERT under blip.text_encoder.
+    state = {f"mlp.layers.{k}": v for k, v in head.state_dict().items()}
+    vit = "blip.visual_encoder"
+    own = blip.state_dict()
+    state[f"{vit}.cls_token"] = own["vision_model.embeddings.class_embedding"]
+    state[f"{vit}.pos_embed"] = own["vision_model.embeddings.position_embedding"]
+    state[f"{vit}.patch_embed.proj.weight"] = own["vision_model.embeddings.patch_embedding.weight"]
+    state[f"{vit}.patch_embed.proj.bias"] = own["vision_model.embeddings.patch_embedding.bias"]
+    state[f"{vit}.norm.weight"] = own["vision_model.post_layernorm.weight"]
+    state[f"{vit}.norm.bias"] = own["vision_model.post_layernorm.bias"]
+    names = {
+        "layer_norm1": "norm1",
+        "self_attn.qkv": "attn.qkv",
+        "self_attn.projection": "attn.proj",
+        "layer_norm2": "norm2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
+    for key, value in own.items():
+        if key.startswith("vision_model.encoder.layers."):
+            i, rest = key.removeprefix("vision_model.encoder.layers.").split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            state[f"{vit}.blocks.{i}.{names[module]}.{kind}"] = value
+        elif key.startswith("text_encoder."):
+            state["blip." + key] = value
+    state["blip.text_proj.weight"] = torch.zeros(4, WIDTH)  # parts ImageReward does not use are ignored
+    (tmp_path / "ir").mkdir()
+    torch.save(state, tmp_path / "ir" / "ImageReward.pt")
+    assert set(convert_imagereward_state_dict(state, config)) >= {"vision_model.post_layernorm.weight", "mlp.0.weight"}
+
+    scorer = get_scorer(
+        "imagereward",
+        model=str(tmp_path / "ir"),
+        base=str(tmp_path / "blip"),
+        image_size=32,
+        device="cpu",
+        batch_size=2,
+    )
+    processor = BlipProcessor.from_pretrained(tmp_path / "blip")
+    pixels = processor.image_processor(pictures(), return_tensors="pt").pixel_values
+    text = processor.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        image_embeds = blip.vision_model(pixel_values=pixels).last_hidden_state
+        hidden = blip.text_encoder(
+            input_ids=text.input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds
+        ).last_hidden_state[:, 0]
+        expected = (head(hidden).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+    torch.testing.assert_close(scorer.score(pictures(), PROMPTS), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_aesthetic_is_its_head_on_normalised_clip_embeddings(tmp_path):
+    from transformers import CLIPModel
+
+    folder = tiny_clip(tmp_path / "clip")
+    torch.manual_seed(3)
+    head = nn.Sequential(
+        nn.Linear(EMBED, 1024),
+        nn.Dropout(),
+        nn.Linear(1024, 128),
+        nn.Dropout(),
+        nn.Linear(128, 64),
+        nn.Dropout(),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    ).eval()
+    (tmp_path / "head").mkdir()
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "head" / "aesthetic.pth")
+    scorer = get_scorer(
+        "aesthetic", model=str(tmp_path / "head"), checkpoint="aesthetic.pth", clip=folder, device="cpu"
+    )
+    from transformers import CLIPImageProcessor
+
+    pixels = CLIPImageProcessor.from_pretrained(folder)(pictures(), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        embeds = CLIPModel.from_pretrained(folder).get_image_features(pixel_values=pixels)
+        embeds = getattr(embeds, "pooler_output", embeds)
+        expected = head(nn.functional.normalize(embeds, dim=-1)).squeeze(-1)
+    torch.testing.assert_close(scorer.score(pictures(), ["ignored"] * 5), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_scorer_registry():
+    assert {"clip", "pickscore", "hpsv2", "imagereward", "aesthetic", "shapes"} <= set(available_scorers())
+
+    @register_scorer("brightness-test")
+    class Brightness(RewardScorer):
+        def _score_batch(self, images, prompts):
+            return torch.tensor([np.asarray(im, np.float32).mean() / 255 for im in images])
+
+    scores = get_scorer("brightness-test", device="cpu").score(
+        [Image.new("RGB", (4, 4), "white"), Image.new("RGB", (4, 4), "black")], ["x", "y"]
+    )
+    assert scores.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="already registered"):
+        register_scorer("brightness-test")(Brightness)
+    with pytest.raises(ValueError, match="Did you mean 'pickscore'"):
+        get_scorer("pickscor")
+    shapes = get_scorer("shapes")
+    scene = Scene("red", "circle", "left")
+    assert shapes.score([render(scene)], [scene.prompt]).tolist() == [1.0]
+
+
+def test_win_rate_and_its_wilson_interval_by_hand():
+    a = torch.tensor([3.0, 2.0, 5.0, 1.0, 4.0, 4.0, 0.0, 9.0])
+    b = torch.tensor([1.0, 2.0, 4.0, 2.0, 3.0, 4.0, 1.0, 1.0])
+    result = win_rate(a, b)
+    # 4 wins (3>1, 5>4, 4>3, 9>1), 2 ties, 2 losses: p = (4 + 1) / 8.
+    assert (result.wins, result.ties, result.losses) == (4, 2, 2)
+    p, n, z = 5 / 8, 8, 1.959963984540054
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert result.rate == pytest.approx(0.625)
+    assert result.low == pytest.approx(centre - half) and result.high == pytest.approx(centre + half)
+    assert result.low == pytest.approx(0.3057, abs=1e-3) and result.high == pytest.approx(0.8632, abs=1e-3)
+    with pytest.raises(ValueError, match="same shape|one shape"):
+        win_rate(a, b[:3])
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rendered_pairs(n, flip_rate=0.0, loser="color_shape", seed=0):
+    """Winner: the prompt's scene; loser: the scene with a wrong colour and shape, a wrong position only, or
+    (`other_prompt`) the scene of another prompt sharing no attribute. Exactly round(flip_rate * n) labels flipped."""
+    rng = np.random.default_rng(seed)
+    flips = set(rng.choice(n, size=round(flip_rate * n), replace=False).tolist())
+    colors, shapes, positions = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"], ["left", "top"]
+    rows = {"prompt": [], "chosen": [], "rejected": [], "category": []}
+    for i in range(n):
+        scene = ALL_SCENES[i % len(ALL_SCENES)]
+        wrong_color = colors[(colors.index(scene.color) + 1) % 4]
+        wrong_shape = shapes[(shapes.index(scene.shape) + 1) % 3]
+        wrong_position = "right" if scene.position in positions else "left"
+        lost_scene = {
+            "color_shape": Scene(wrong_color, wrong_shape, scene.position),
+            "position": Scene(scene.color, scene.shape, wrong_position),
+            "other_prompt": Scene(wrong_color, wrong_shape, wrong_position),
+        }[loser]
+        won, lost = render(scene, rng), render(lost_scene, rng)
+        if i in flips:
+            won, lost = lost, won
+        rows["prompt"].append(scene.prompt)
+        rows["chosen"].append(_png(won))
+        rows["rejected"].append(_png(lost))
+        rows["category"].append("first-half" if i < n // 2 else "second-half")
+    return Dataset.from_dict(rows)
+
+
+def test_diagnose_recovers_a_known_flip_rate_and_tells_easy_from_clean(tmp_path):
+    noisy = diagnose(rendered_pairs(40, flip_rate=0.3), ["shapes"], output_dir=tmp_path / "noisy")
+    assert noisy.pairs == 40
+    assert noisy.scorers["shapes"].disagree == pytest.approx(0.3)
+    assert noisy.consistency == pytest.approx(0.7)
+    saved = json.loads((tmp_path / "noisy" / "diagnosis.json").read_text())
+    assert saved["scorers"]["shapes"]["agreement"] == pytest.approx(0.7)
+    assert (tmp_path / "noisy" / "diagnosis.png").stat().st_size > 1000
+    assert "suggested poly_alpha" in (tmp_path / "noisy" / "diagnosis.txt").read_text()
+
+    clean = diagnose(rendered_pairs(40, loser="position"), ["shapes"])
+    easy = diagnose(rendered_pairs(40, loser="other_prompt"), ["shapes"])
+    assert clean.consistency == easy.consistency == 1.0
+    # A clean loser gets two of the prompt's three attributes right; an easy loser none.
+    assert clean.easy_share < 0.2 < 0.8 < easy.easy_share
+    assert easy.suggested_alpha < 0 and clean.suggested_alpha == 0
+
+    from vipo_trl import PolyDPOConfig
+
+    by_category = diagnose(
+        rendered_pairs(40, flip_rate=0.5), ["shapes"], PolyDPOConfig(output_dir="x", category_column="category")
+    )
+    counts = [by_category.categories[c]["pairs"] for c in ("first-half", "second-half")]
+    assert counts == [20, 20]
+    consistencies = [by_category.categories[c]["consistency"] for c in ("first-half", "second-half")]
+    assert sum(consistencies) / 2 == pytest.approx(by_category.consistency)
+
+
+def test_summarize_and_suggest_alpha_by_hand():
+    scores = {
+        "a": {"chosen": torch.tensor([2.0, 1.0, 3.0, 1.0]), "rejected": torch.tensor([1.0, 2.0, 3.0, 0.0])},
+        "b": {"chosen": torch.tensor([5.0, 5.0, 5.0, 5.0]), "rejected": torch.tensor([4.0, 4.0, 6.0, 6.0])},
+    }
+    report = summarize(scores)
+    assert (report.scorers["a"].agree, report.scorers["a"].disagree, report.scorers["a"].tie) == (0.5, 0.25, 0.25)
+    assert report.scorers["b"].agreement == 0.5
+    assert report.consistency == 0.25  # only the first pair: both scorers prefer the winner
+    assert report.easy_share == 0.0  # no scores under other prompts: nothing is called easy
+    assert suggest_alpha(0.25, 0.0)[0] == 8.0 and suggest_alpha(0.9, 0.0)[0] == 0.0
+    assert 0 < suggest_alpha(0.45, 0.0)[0] < 8 and suggest_alpha(0.9, 0.9)[0] == -1.0
+
+
+def test_eval_scores_base_and_lora_on_the_same_seeds_and_writes_its_report(tmp_path):
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from vipo_trl.default import MODEL_DIR, load_default_pipeline
+
+    pipe = load_default_pipeline()
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)  # a LoRA that visibly changes the output
+    type(pipe).save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+
+    prompts = [s.prompt for s in ALL_SCENES[:3]]
+    result = evaluate_alignment(
+        str(MODEL_DIR),
+        str(tmp_path / "lora"),
+        prompts,
+        ["shapes"],
+        seeds=(1, 2),
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        output_dir=tmp_path / "eval",
+        device="cpu",
+    )
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["prompts"] == [p for p in prompts for _ in (1, 2)] and saved["seeds"] == [1, 2] * 3
+    base, aligned = torch.tensor(saved["base_scores"]["shapes"]), torch.tensor(saved["aligned_scores"]["shapes"])
+    assert saved["summary"]["shapes"]["win_rate"]["rate"] == pytest.approx(win_rate(aligned, base).rate)
+    assert saved["summary"]["shapes"]["base_mean"] == pytest.approx(base.mean().item())
+    # The base images are the base model's: scoring them again without the LoRA gives the same numbers.
+    again = evaluate_alignment(
+        str(MODEL_DIR), None, prompts, ["shapes"], seeds=(1, 2), num_inference_steps=4, guidance_scale=4.0, device="cpu"
+    )
+    assert again.base_scores == result.base_scores and not again.win_rates
+    grid = Image.open(tmp_path / "eval" / "grid.png")
+    assert grid.size == (6 * 256, 2 * 256)
+    assert (tmp_path / "eval" / "scores.png").exists() and "| shapes |" in (
+        tmp_path / "eval" / "results.md"
+    ).read_text()

@@ -1,0 +1,42 @@
+"""Evaluation: reward scorers, base-versus-aligned win rates, and the preference-set diagnosis that suggests alpha."""
+
+from .diagnose import Diagnosis, ScorerAgreement, diagnose, suggest_alpha, summarize
+from .evaluate import (
+    BUILTIN_PROMPTS,
+    EvalResult,
+    RewardEvalCallback,
+    evaluate_alignment,
+    generate_images,
+    load_prompts,
+)
+from .scorers import (
+    RewardScorer,
+    available_scorers,
+    convert_imagereward_state_dict,
+    convert_open_clip_state_dict,
+    get_scorer,
+    register_scorer,
+)
+from .stats import WinRate, win_rate
+
+__all__ = [
+    "BUILTIN_PROMPTS",
+    "Diagnosis",
+    "EvalResult",
+    "RewardEvalCallback",
+    "RewardScorer",
+    "ScorerAgreement",
+    "WinRate",
+    "available_scorers",
+    "convert_imagereward_state_dict",
+    "convert_open_clip_state_dict",
+    "diagnose",
+    "evaluate_alignment",
+    "generate_images",
+    "get_scorer",
+    "load_prompts",
+    "register_scorer",
+    "suggest_alpha",
+    "summarize",
+    "win_rate",
+]

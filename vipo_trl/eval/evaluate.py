@@ -1,0 +1,285 @@
+"""Generate with a base pipeline and with base + LoRA on the same prompts and seeds, score both, and report mean
+scores and the win rate of aligned over base (`evaluate_alignment`, `vipo-trl eval`); `RewardEvalCallback` does the
+same during training."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+
+from .scorers import RewardScorer, get_scorer
+from .stats import WinRate, win_rate
+
+#: A small built-in prompt set for real text-to-image models (objects, counts, colours, positions, styles, text).
+BUILTIN_PROMPTS = [
+    "a photo of a red apple on a wooden table",
+    "two cats sleeping on a blue sofa",
+    "a lighthouse on a cliff at sunset, oil painting",
+    "a bowl of ramen, studio photograph",
+    "an astronaut riding a horse on the moon",
+    "a green bicycle to the left of a yellow door",
+    "a watercolor painting of a fox in the snow",
+    "a sign that says 'OPEN' in neon letters",
+    "a portrait of an old fisherman, dramatic lighting",
+    "three blue balloons above a white house",
+    "a futuristic city skyline at night, cyberpunk",
+    "a close-up of a dew drop on a leaf",
+    "a dog wearing sunglasses at the beach",
+    "a cozy library with a fireplace",
+    "a mountain lake reflecting pine trees at dawn",
+    "a cup of coffee next to an open book",
+]
+
+
+@dataclass
+class EvalResult:
+    """Mean scores of base and aligned per scorer, the aligned-over-base win rate per scorer, and per-image scores."""
+
+    prompts: list[str]
+    seeds: list[int]
+    base_scores: dict[str, list[float]]
+    aligned_scores: dict[str, list[float]] = field(default_factory=dict)
+    win_rates: dict[str, WinRate] = field(default_factory=dict)
+
+    def mean(self, scorer: str, which: str = "aligned") -> float:
+        scores = (self.aligned_scores if which == "aligned" else self.base_scores)[scorer]
+        return float(sum(scores) / len(scores))
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = {
+            name: {
+                "base_mean": self.mean(name, "base"),
+                **({"aligned_mean": self.mean(name)} if name in self.aligned_scores else {}),
+                **({"win_rate": self.win_rates[name].to_dict()} if name in self.win_rates else {}),
+            }
+            for name in self.base_scores
+        }
+        return {
+            "summary": summary,
+            "prompts": self.prompts,
+            "seeds": self.seeds,
+            "base_scores": self.base_scores,
+            "aligned_scores": self.aligned_scores,
+        }
+
+    def table(self) -> str:
+        lines = ["| scorer | base | aligned | win rate (aligned over base, 95% CI) |", "|---|---|---|---|"]
+        for name in self.base_scores:
+            aligned = f"{self.mean(name):.4f}" if name in self.aligned_scores else "-"
+            rate = str(self.win_rates[name]) if name in self.win_rates else "-"
+            lines.append(f"| {name} | {self.mean(name, 'base'):.4f} | {aligned} | {rate} |")
+        return "\n".join(lines)
+
+
+def generate_images(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    batch_size: int = 8,
+) -> list[Image.Image]:
+    """One image per (prompt, seed); each image's noise comes from its own seeded generator, so base and aligned
+    pipelines start from the same noise."""
+    pipe.set_progress_bar_config(disable=True)
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
+        out = pipe(
+            list(prompts[chunk]),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+        )
+        images += out.images
+    return images
+
+
+def score_all(
+    scorers: Sequence[RewardScorer], images: Sequence[Image.Image], prompts: Sequence[str]
+) -> dict[str, list[float]]:
+    return {scorer.name: scorer.score(images, prompts).tolist() for scorer in scorers}
+
+
+def resolve_scorers(scorers: Sequence[str | RewardScorer], **kwargs: Any) -> list[RewardScorer]:
+    return [s if isinstance(s, RewardScorer) else get_scorer(s, **kwargs) for s in scorers]
+
+
+def load_prompts(source: str | None, column: str = "caption", limit: int | None = None) -> list[str]:
+    """Prompts from a text file (one per line), a JSON list, a dataset file or folder (its `column`), or the built-in
+    set."""
+    if source is None:
+        prompts = list(BUILTIN_PROMPTS)
+    else:
+        path = Path(source)
+        if path.suffix == ".txt":
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        elif path.suffix == ".json":
+            prompts = [str(p) for p in json.loads(path.read_text())]
+        else:
+            from ..cli.main import load_preference_dataset
+            from ..cli.parser import ScriptArguments
+
+            dataset = load_preference_dataset(ScriptArguments(dataset=source))
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"{source} has no column {column!r} (columns: {dataset.column_names}); set --prompt_column."
+                )
+            prompts = list(dict.fromkeys(dataset[column]))  # unique, in order
+    if not prompts:
+        raise ValueError(f"no prompts found in {source}.")
+    return prompts[:limit] if limit else prompts
+
+
+def evaluate_alignment(
+    model: Any,
+    lora: str | None,
+    prompts: Sequence[str],
+    scorers: Sequence[str | RewardScorer],
+    seeds: Sequence[int] = (0,),
+    num_inference_steps: int = 30,
+    guidance_scale: float = 7.5,
+    output_dir: str | Path | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+) -> EvalResult:
+    """Score base and (when `lora` is given) base + LoRA on every prompt x seed; write `results.json`, `grid.png` and
+    `scores.png` to `output_dir` when given.
+
+    Args:
+        model: a diffusers pipeline, or its hub id / folder.
+        lora: a LoRA folder or hub id for `pipe.load_lora_weights`; `None` scores the base only.
+        scorers: names from `available_scorers()` or scorer objects.
+    """
+    from diffusers import DiffusionPipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = model if not isinstance(model, (str, Path)) else DiffusionPipeline.from_pretrained(str(model))
+    pipe.to(device)
+    scorers = resolve_scorers(scorers, device=device)
+    all_prompts = [p for p in prompts for _ in seeds]
+    all_seeds = [int(s) for _ in prompts for s in seeds]
+    generate = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
+    base_images = generate_images(pipe, all_prompts, all_seeds, **generate)
+    result = EvalResult(all_prompts, all_seeds, score_all(scorers, base_images, all_prompts))
+    aligned_images = None
+    if lora:
+        pipe.load_lora_weights(lora)
+        aligned_images = generate_images(pipe, all_prompts, all_seeds, **generate)
+        result.aligned_scores = score_all(scorers, aligned_images, all_prompts)
+        result.win_rates = {
+            name: win_rate(torch.tensor(result.aligned_scores[name]), torch.tensor(result.base_scores[name]))
+            for name in result.base_scores
+        }
+    if output_dir is not None:
+        write_report(result, base_images, aligned_images, Path(output_dir))
+    return result
+
+
+def write_report(
+    result: EvalResult, base_images: list[Image.Image], aligned_images: list[Image.Image] | None, out: Path
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
+    (out / "results.md").write_text(result.table() + "\n")
+    rows = [base_images[:8]] + ([aligned_images[:8]] if aligned_images else [])
+    image_grid(rows).save(out / "grid.png")
+    plot_scores(result, out / "scores.png")
+
+
+def image_grid(rows: list[list[Image.Image]], cell: int = 256) -> Image.Image:
+    """Rows of images (e.g. base above aligned) as one picture; small images are enlarged without smoothing."""
+    width = max(len(r) for r in rows)
+    grid = Image.new("RGB", (width * cell, len(rows) * cell), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            resample = Image.NEAREST if image.width < cell else Image.BICUBIC
+            grid.paste(image.convert("RGB").resize((cell, cell), resample), (x * cell, y * cell))
+    return grid
+
+
+def plot_scores(result: EvalResult, path: Path) -> None:
+    """Per scorer: base and aligned mean score (bars), and the win rate with its interval (title)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result.base_scores)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        labels, values = ["base"], [result.mean(name, "base")]
+        if name in result.aligned_scores:
+            labels.append("aligned")
+            values.append(result.mean(name))
+        ax.bar(labels, values, color=["#999999", "#3b7dd8"][: len(values)])
+        title = name
+        if name in result.win_rates:
+            w = result.win_rates[name]
+            title += f"\nwin {100 * w.rate:.0f}% [{100 * w.low:.0f}, {100 * w.high:.0f}]"
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class RewardEvalCallback(TrainerCallback):
+    """Every `eval_steps` optimizer steps, generate with the model being trained on fixed prompts and seeds, score the
+    images, and log each scorer's mean (`reward/<scorer>`) and win rate over the model at the start of training
+    (`reward/<scorer>_win_rate`) to the trainer's reporters.
+
+    Every process generates the same images (simple and correct under DDP; keep the prompt set small). Needs a model
+    loaded with its encoders (not a latent-cache run).
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        prompts: Sequence[str],
+        scorers: Sequence[str | RewardScorer],
+        eval_steps: int = 500,
+        seeds: Sequence[int] = (0,),
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+    ):
+        pipe = trainer.adapter.pipeline
+        if getattr(pipe, "text_encoder", None) is None and getattr(pipe, "transformer", None) is None:
+            raise ValueError("RewardEvalCallback needs the pipeline's encoders; a latent-cache run does not load them.")
+        self.trainer = trainer
+        self.prompts = [p for p in prompts for _ in seeds]
+        self.seeds = [int(s) for _ in prompts for s in seeds]
+        self.scorers = resolve_scorers(scorers, device=str(trainer.accelerator.device))
+        self.eval_steps = eval_steps
+        self.generate = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        self.start_scores: dict[str, list[float]] | None = None
+
+    def _scores(self) -> dict[str, list[float]]:
+        denoiser = self.trainer.adapter.denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            images = generate_images(self.trainer.adapter.pipeline, self.prompts, self.seeds, **self.generate)
+        finally:
+            denoiser.train(was_training)
+        return score_all(self.scorers, images, self.prompts)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_scores = self._scores()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.eval_steps:
+            return
+        scores = self._scores()
+        logs: dict[str, float] = {}
+        for name, values in scores.items():
+            logs[f"reward/{name}"] = float(sum(values) / len(values))
+            logs[f"reward/{name}_win_rate"] = win_rate(torch.tensor(values), torch.tensor(self.start_scores[name])).rate
+        self.trainer.log(logs)
