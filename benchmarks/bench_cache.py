@@ -2,7 +2,8 @@
 
 Both modes train the same small Stable Diffusion config (a UNet, VAE and CLIP text encoder of realistic depth but
 small width) with LoRA on the same pairs, alternating in fresh subprocesses so that each one's peak RSS is its own
-(the cache mode loads neither VAE nor text encoder). Prints the cache/raw ratios (min, median, max over repeats).
+(the cache mode loads neither VAE nor text encoder); peak memory is the growth of the resident set size from just
+before the model is loaded. Prints the cache/raw ratios (min, median, max over repeats).
 
     python benchmarks/bench_cache.py [--repeats 3] [--steps 8] [--resolution 128]
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,61 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def small_sd(path: str) -> None:
-    """SD-like proportions at a small width: 3-level VAE, 2-level UNet with attention, 4-layer text encoder."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from vipo_trl.testing import tiny_clip_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = tiny_clip_tokenizer(max_length=77)
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        ),
-        vae=AutoencoderKL(
-            block_out_channels=(32, 64, 64, 64),
-            layers_per_block=2,
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-        ),
-        text_encoder=CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=64,
-                intermediate_size=256,
-                num_attention_heads=4,
-                num_hidden_layers=4,
-                max_position_embeddings=77,
-                vocab_size=len(tokenizer),
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        ),
-        tokenizer=tokenizer,
-        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MemoryProbe, pickapic_pairs, small_sd, spread  # noqa: E402
 
 
 def worker(mode: str, model: str, data: str, cache: str, steps: int, resolution: int) -> None:
@@ -100,17 +47,21 @@ def worker(mode: str, model: str, data: str, cache: str, steps: int, resolution:
     )
     lora = LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     dataset = cache if mode == "cache" else load_from_disk(data)
+    probe = MemoryProbe("cpu")
     trainer = PolyDPOTrainer(model, args, dataset, peft_config=lora)
     stamps = []
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            probe.start_of_training()
+
         def on_step_end(self, *a, **k):
             stamps.append(time.perf_counter())
 
     trainer.add_callback(Clock())
     trainer.train()
     seconds = stamps[-1] - stamps[1]  # the first two steps are warm-up
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = probe.peak_mb()
     modules = [trainer.model, *trainer.adapter.frozen_modules.values()]
     weights_mb = sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**20
     print(json.dumps({"steps_per_sec": (len(stamps) - 2) / seconds, "peak_rss_mb": peak_mb, "weights_mb": weights_mb}))
@@ -129,22 +80,12 @@ def main() -> None:
 
     from vipo_trl import PolyDPOConfig
     from vipo_trl.data import build_latent_cache
-    from vipo_trl.testing import pickapic_dataset
 
     work = Path(tempfile.mkdtemp())
     small_sd(str(work / "model"))
-    data = pickapic_dataset(48)
     # Images at 2x the training resolution, as real data is larger than what it is cropped to.
-    from vipo_trl.testing import png_bytes
-
     big = args.resolution * 2
-    data = data.map(
-        lambda row, i: {
-            "jpg_0": png_bytes((200, 30 + i % 50, 30), (big, big)),
-            "jpg_1": png_bytes((30, 30 + i % 50, 200), (big, big)),
-        },
-        with_indices=True,
-    )
+    data = pickapic_pairs(48, big)
     data.save_to_disk(str(work / "data"))
     config = PolyDPOConfig(output_dir=str(work), resolution=args.resolution, random_flip=False, report_to=[])
     start = time.perf_counter()
@@ -192,13 +133,9 @@ def main() -> None:
             f"{mode:>5}: {statistics.median(sps):.2f} steps/s (median), peak RSS {statistics.median(mb):.0f} MB, "
             f"weights loaded {loaded:.1f} MB"
         )
-    print(f"cache/raw steps per second: {_spread(speed)}")
-    print(f"cache/raw peak RSS:         {_spread(memory)}")
-    print(f"cache/raw weights loaded:   {_spread(weights)}")
-
-
-def _spread(values: list[float]) -> str:
-    return f"min {min(values):.2f}, median {statistics.median(values):.2f}, max {max(values):.2f}"
+    print(f"cache/raw steps per second: {spread(speed)}")
+    print(f"cache/raw peak RSS:         {spread(memory)}")
+    print(f"cache/raw weights loaded:   {spread(weights)}")
 
 
 if __name__ == "__main__":

@@ -12,25 +12,24 @@ each ratio is taken within one round, so machine noise between rounds cancels).
     python benchmarks/bench_step.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --resolution 512 \\
         --batch 4 --bf16 --steps 20                 # a real checkpoint on a GPU
 
-Peak memory is CUDA max allocated on a GPU; on a CPU it is the growth of the peak resident set size from just before
-the model is loaded (Python and the libraries are left out; allocator caches are not).
+Peak memory is CUDA max allocated on a GPU; on a CPU the growth of the resident set size over its value just before
+the model is loaded (Python and the libraries are left out; allocator caches are not). Either way the peak is taken
+over training only, so it counts the weights held and what training adds, not loading transients.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import pickapic_pairs, small_sd, spread  # noqa: E402
+from common import MemoryProbe, pickapic_pairs, small_sd, spread  # noqa: E402
 
 MODES = {
     "reference": "reference loop: two full UNet copies, VAE + text encoder every step",
@@ -62,42 +61,6 @@ TARGETS = [
         ">=",
     ),
 ]
-
-
-class MemoryProbe:
-    """Peak memory from now on: CUDA max allocated on a GPU; on a CPU the peak growth of the resident set size over
-    its value now, sampled every millisecond by a thread (the process-lifetime `ru_maxrss` would include imports)."""
-
-    def __init__(self, device: str):
-        import torch
-
-        self.cuda = device == "cuda"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            return
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.base = self.peak = self._rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _watch(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    def peak_mb(self) -> float:
-        import torch
-
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2**20
-        self.running = False
-        self.thread.join()
-        return (max(self.peak, self._rss()) - self.base) / 2**20
 
 
 def _sync(device: str) -> None:
@@ -140,6 +103,7 @@ def reference_loop(opts: argparse.Namespace) -> tuple[list[float], float]:
 
     stamps = []
     b = opts.batch
+    probe.start_of_training()
     for step in range(opts.steps + 2):
         start = (step * b) % (len(data) - b + 1)
         rows = data[start : start + b]
@@ -211,6 +175,9 @@ def trainer_run(mode: str, opts: argparse.Namespace) -> tuple[list[float], float
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            probe.start_of_training()
+
         def on_step_end(self, *a, **k):
             _sync(opts.device)
             stamps.append(time.perf_counter())

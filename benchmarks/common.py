@@ -3,9 +3,59 @@ Pick-a-Pic v2's schema, and a min/median/max summary of ratios."""
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
+import time
 
 from datasets import Dataset
+
+
+class MemoryProbe:
+    """Peak memory from now on: CUDA max allocated on a GPU; on a CPU the peak growth of the resident set size over
+    its value now, sampled every millisecond by a thread (the process-lifetime `ru_maxrss` would include imports).
+    Call `start_of_training` once the model is loaded to leave loading transients out of the peak."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.cuda = device == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def start_of_training(self) -> None:
+        """Forget peaks from before this point (loading transients: a checkpoint read next to the module it fills),
+        keeping the baseline: the peak then counts the weights resident and what training adds to them."""
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self._rss()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def peak_mb(self) -> float:
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        self.running = False
+        self.thread.join()
+        return (max(self.peak, self._rss()) - self.base) / 2**20
 
 
 def small_sd(path: str, unet_width: int = 32, unet_levels: int = 2, seed: int = 0) -> None:

@@ -479,3 +479,72 @@ def test_eval_scores_base_and_lora_on_the_same_seeds_and_writes_its_report(tmp_p
     assert (tmp_path / "eval" / "scores.png").exists() and "| shapes |" in (
         tmp_path / "eval" / "results.md"
     ).read_text()
+
+
+@pytest.fixture
+def shapes_lora(tmp_path):
+    """A LoRA for the embedded model that visibly changes its output."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from vipo_trl.default import load_default_pipeline
+
+    pipe = load_default_pipeline()
+    torch.manual_seed(0)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets))
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.3)
+    type(pipe).save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    return str(tmp_path / "lora")
+
+
+def test_eval_command_on_the_embedded_model(tmp_path, shapes_lora, capsys):
+    from vipo_trl.cli import main
+
+    out = tmp_path / "eval"
+    main(["eval", "--lora", shapes_lora, "--num_prompts", "2", "--seeds", "0", "1", "--num_inference_steps", "3",
+          "--output_dir", str(out), "--device", "cpu"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "4 images per model (2 prompts x 2 seeds)" in printed and "| shapes |" in printed
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["base_scores"]["shapes"]) == len(saved["aligned_scores"]["shapes"]) == 4
+    assert (out / "grid.png").exists()
+    with pytest.raises(SystemExit):
+        main(["eval", "--scorers", "pickscor", "--num_prompts", "1", "--output_dir", str(out)])
+    assert "Did you mean 'pickscore'" in capsys.readouterr().err
+
+
+def test_diagnose_command_reads_a_dataset_folder(tmp_path, capsys):
+    from vipo_trl.cli import main
+
+    rendered_pairs(20, flip_rate=0.25).save_to_disk(str(tmp_path / "pairs"))
+    main(["diagnose", str(tmp_path / "pairs"), "--scorers", "shapes", "--output_dir", str(tmp_path / "d")])
+    printed = capsys.readouterr().out
+    assert "disagrees 25.0%" in printed and "suggested poly_alpha" in printed
+    assert json.loads((tmp_path / "d" / "diagnosis.json").read_text())["pairs"] == 20
+    with pytest.raises(SystemExit):
+        main(["diagnose", "default:mystery"])
+    assert "default:clean" in capsys.readouterr().err
+
+
+def test_reward_callback_logs_scores_and_win_rate_during_training(tmp_path):
+    from peft import LoraConfig
+
+    from vipo_trl import PolyDPOConfig, PolyDPOTrainer
+    from vipo_trl.default import MODEL_DIR
+    from vipo_trl.eval import RewardEvalCallback
+
+    args = PolyDPOConfig(
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+        resolution=32, random_flip=False, save_strategy="no", report_to=[], use_cpu=True, logging_steps=100,
+        disable_tqdm=True,
+    )  # fmt: skip
+    trainer = PolyDPOTrainer(str(MODEL_DIR), args, rendered_pairs(8, loser="position"), peft_config=LoraConfig(r=4))
+    prompts = [s.prompt for s in ALL_SCENES[:3]]
+    trainer.add_callback(RewardEvalCallback(trainer, prompts, ["shapes"], eval_steps=2, num_inference_steps=3))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "reward/shapes" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4]
+    for entry in logged:
+        assert 0.0 <= entry["reward/shapes"] <= 1.0 and 0.0 <= entry["reward/shapes_win_rate"] <= 1.0

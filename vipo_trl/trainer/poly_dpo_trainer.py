@@ -272,10 +272,13 @@ class PolyDPOTrainer(Trainer):
 
         ref_chosen = ref_rejected = None
         if self.needs_reference:
-            with torch.no_grad():
+            # inference_mode skips autograd bookkeeping entirely; the clones turn the results back into ordinary
+            # tensors that the loss may combine with the policy's.
+            with torch.inference_mode():
                 ref_chosen, ref_rejected = errors_of(
                     self._reference_prediction(model, noisy_input, timesteps, conditioning)
                 )
+            ref_chosen, ref_rejected = ref_chosen.clone(), ref_rejected.clone()
 
         policy_dtype = self.accelerator.unwrap_model(model).dtype
         policy_chosen, policy_rejected = errors_of(
@@ -367,7 +370,17 @@ class PolyDPOTrainer(Trainer):
         optimizer.step = guarded_step  # accelerate's wrapper calls this attribute
         return optimizer
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer computes the total gradient norm before every optimizer step (clipping or not); it is non-finite
+        # exactly when some gradient is, so the guard reads it instead of scanning every gradient again.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._step_grad_norm = grad_norm
+        return grad_norm
+
     def _gradients_are_finite(self) -> bool:
+        norm, self._step_grad_norm = getattr(self, "_step_grad_norm", None), None
+        if norm is not None:
+            return math.isfinite(float(norm))
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return True
