@@ -381,3 +381,26 @@ def test_category_metric_is_the_loss_on_that_category(tmp_path, tiny_sd_path):
     expected = trainer.preference_loss(only_a)[0].item()
     sums = trainer._category_sums["train"]
     assert (sums[0, 0, 0] / sums[1, 0, 0]).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_save_that_fails_halfway_leaves_the_previous_save_whole(tmp_path, tiny_sd_path):
+    from safetensors.torch import load_file
+
+    trainer = PolyDPOTrainer(tiny_sd_path, config(tmp_path, max_steps=1), pickapic_dataset(4), peft_config=lora())
+    trainer.train()
+    trainer.save_model()
+    out = tmp_path / "out"
+    weights = out / "pytorch_lora_weights.safetensors"
+    before = load_file(weights)
+
+    def dying_save_lora(folder, denoiser):  # a crash in the middle of writing the weights file
+        with open(os.path.join(folder, "pytorch_lora_weights.safetensors"), "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    trainer.adapter.save_lora = dying_save_lora
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model()
+    after = load_file(weights)  # still the previous save, whole
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not [p for p in os.listdir(out) if p.startswith(".saving-")]  # no scratch folder left behind

@@ -46,7 +46,7 @@ def _table(cls, names: list[str], descriptions: dict[str, str]) -> str:
 def cli_reference() -> str:
     from transformers import TrainingArguments
 
-    from vipo_trl.cli.parser import CacheArguments, LoraArguments, ScriptArguments
+    from vipo_trl.cli.parser import CacheArguments, DiagnoseArguments, EvalArguments, LoraArguments, ScriptArguments
     from vipo_trl.trainer import PolyDPOConfig
 
     inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -57,6 +57,12 @@ def cli_reference() -> str:
         ("What to train on (`train`, `cache`)", ScriptArguments, [f.name for f in dataclasses.fields(ScriptArguments)]),
         ("LoRA (`train`)", LoraArguments, [f.name for f in dataclasses.fields(LoraArguments)]),
         ("Latent cache (`cache`)", CacheArguments, [f.name for f in dataclasses.fields(CacheArguments)]),
+        ("Evaluation (`eval`)", EvalArguments, [f.name for f in dataclasses.fields(EvalArguments)]),
+        (
+            "Preference-set diagnosis (`diagnose`)",
+            DiagnoseArguments,
+            [f.name for f in dataclasses.fields(DiagnoseArguments)],
+        ),
         ("PolyDPOConfig", PolyDPOConfig, own + overridden),
         ("Inherited from `transformers.TrainingArguments`", PolyDPOConfig, [n for n in base if n not in overridden]),
     ]

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -452,15 +454,24 @@ class PolyDPOTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        denoiser = self.accelerator.unwrap_model(self.model)
-        if self.is_lora:
-            self.adapter.save_lora(output_dir, denoiser)
-        else:
-            denoiser.save_pretrained(output_dir, safe_serialization=True)
-        with open(os.path.join(output_dir, CONFIG_NAME), "w") as f:
-            f.write(self.args.to_json_string())
-        with open(os.path.join(output_dir, "vipo_trl_model.json"), "w") as f:
-            json.dump({**self.adapter.describe(), "lora": self.is_lora, "loss_type": self.args.loss_type}, f, indent=2)
+        # Written into a scratch folder first, then each file renamed into place (atomic on POSIX): a crash while
+        # saving leaves every file of the previous save whole, never a half-written weights file.
+        scratch = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
+        try:
+            denoiser = self.accelerator.unwrap_model(self.model)
+            if self.is_lora:
+                self.adapter.save_lora(scratch, denoiser)
+            else:
+                denoiser.save_pretrained(scratch, safe_serialization=True)
+            with open(os.path.join(scratch, CONFIG_NAME), "w") as f:
+                f.write(self.args.to_json_string())
+            with open(os.path.join(scratch, "vipo_trl_model.json"), "w") as f:
+                description = {**self.adapter.describe(), "lora": self.is_lora, "loss_type": self.args.loss_type}
+                json.dump(description, f, indent=2)
+            for name in os.listdir(scratch):
+                os.replace(os.path.join(scratch, name), os.path.join(output_dir, name))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`; `resume_from_checkpoint=True` (or `"latest"`) resumes from the last *complete* checkpoint,
