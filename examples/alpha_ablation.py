@@ -1,7 +1,7 @@
 """The alpha study in miniature, on the embedded default: Diffusion-DPO and Poly-DPO with alpha in {-1, -0.5, 0, 0.5, 1}
 on the clean, noisy and easy synthetic sets, scored by the programmatic reward of the aligned model.
 
-    python examples/alpha_ablation.py [--seeds 0 1] [--steps 120] [--output docs/alpha_study]
+    python examples/alpha_ablation.py [--seeds 0 1] [--steps 300] [--output docs/alpha_study]
 
 Writes `table.md`, `results.json` and `alpha_study.png` (reward gain over the base model against alpha, one line per
 set, like the paper's Figure 4). alpha = 0 is Diffusion-DPO itself. `--smoke` runs a few steps of two settings.
@@ -29,7 +29,17 @@ def run(args: argparse.Namespace) -> dict:
     results = {"base_reward": base_reward, "runs": []}
     for kind in kinds:
         for seed in args.seeds:
-            dataset, stats = make_preference_set(kind, base, seed=seed)
+            try:
+                dataset, stats = make_preference_set(kind, base, seed=seed)
+            except ValueError as exc:  # e.g. no conflicting pairs for `noisy`: say so in the table
+                results.setdefault("skipped", {})[kind] = str(exc)
+                print(f"skipping {kind}: {exc}", flush=True)
+                continue
+            results.setdefault("sets", {})[f"{kind}-seed{seed}"] = {
+                "pairs": stats.pairs,
+                "flip_rate": stats.flip_rate,
+                "conflict_rate": stats.conflict_rate,
+            }
             for alpha in alphas:
                 out = Path(args.output) / "runs" / f"{kind}-alpha{alpha}-seed{seed}"
                 config = PolyDPOConfig(
@@ -39,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
                     beta=2000.0,
                     max_steps=4 if args.smoke else args.steps,
                     per_device_train_batch_size=8,
-                    learning_rate=1e-3,
+                    learning_rate=3e-3,
                     resolution=32,
                     random_flip=False,
                     save_strategy="no",
@@ -102,6 +112,19 @@ def report(results: dict, output: Path, command: str, minutes: float) -> None:
         best = max(alphas, key=lambda a: mean[(k, a)])
         cells = " | ".join(f"{mean[(k, a)]:+.3f} ± {spread[(k, a)]:.3f}" for a in alphas)
         lines.append(f"| {k} | {cells} | {best:g} |")
+    for kind, reason in results.get("skipped", {}).items():
+        lines.append(f"| {kind} | " + " | ".join("-" for _ in alphas) + f" | not run: {reason} |")
+    sets = results.get("sets", {})
+    if sets:
+        lines += [
+            "",
+            "Sets: "
+            + "; ".join(
+                f"{name} {v['pairs']} pairs (flipped {v['flip_rate']:.0%}, conflicting {v['conflict_rate']:.0%})"
+                for name, v in sets.items()
+            )
+            + ".",
+        ]
     (output / "table.md").write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -120,7 +143,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--output", default="docs/alpha_study")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()

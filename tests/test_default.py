@@ -58,10 +58,14 @@ def test_synthetic_sets_have_their_promised_properties(base):
         assert chosen.sum() > rejected.sum()
 
     noisy, stats = make_preference_set("noisy", base, samples_per_prompt=6, seed=1, flip_rate=0.0)
-    assert stats.pairs > 0 and stats.conflict_rate == 1.0 and stats.flip_rate == 0.0
-    for row in noisy:  # every pair trades one attribute against another
-        chosen, rejected = scores(row)
-        assert ((chosen - rejected) > 0).any() and ((chosen - rejected) < 0).any()
+    assert stats.pairs > 0 and stats.flip_rate == 0.0
+    pairs = [scores(row) for row in noisy]
+    conflicting = [((c - r) > 0).any() and ((c - r) < 0).any() for c, r in pairs]
+    assert stats.conflict_rate == pytest.approx(np.mean(conflicting))  # counted as built
+    assert all((c != r).any() for c, r in pairs)  # every pair differs somewhere
+    decided = [c.sum() > r.sum() for c, r in pairs if c.sum() != r.sum()]
+    # Annotators who look at one attribute each: many labels disagree with the reward's total even unflipped.
+    assert stats.extra["agrees_with_reward"] == pytest.approx(np.mean(decided)) and 0.3 < np.mean(decided) < 0.95
     flipped, stats = make_preference_set("noisy", base, samples_per_prompt=6, seed=1, flip_rate=1.0)
     assert stats.flip_rate == 1.0 and flipped["prompt"] == noisy["prompt"]
     assert flipped["chosen"] == noisy["rejected"] and flipped["rejected"] == noisy["chosen"]  # the same pairs, flipped
@@ -73,12 +77,16 @@ def test_synthetic_sets_have_their_promised_properties(base):
 
 
 @pytest.mark.slow
-def test_the_default_run_trains_and_reports_base_and_aligned_reward(tmp_path, capsys):
-    # Not yet asserted: that the aligned model beats the base (it does not yet; see issue 6's note).
+def test_the_default_run_improves_the_reward(tmp_path, capsys):
+    """The whole embedded run, as `vipo-trl train` with no model and no data does it (fixed seed 0): about 1.3 min."""
+    import re
+
     from vipo_trl.cli import main
 
-    main(["train", "--output_dir", str(tmp_path / "run"), "--max_steps", "20", "--disable_tqdm", "true"])
+    main(["train", "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"])
     out = capsys.readouterr().out
-    assert "base model reward" in out and "aligned model reward" in out
+    base = float(re.search(r"base model reward on \d+ held-out prompt/seed pairs: ([0-9.]+)", out).group(1))
+    aligned = float(re.search(r"aligned model reward: ([0-9.]+)", out).group(1))
+    assert aligned > base + 0.02, out  # measured here: 0.819 -> 0.865
     assert (tmp_path / "run" / "samples.png").is_file()
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()

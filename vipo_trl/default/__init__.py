@@ -33,11 +33,11 @@ __all__ = [
 ]
 
 
-def load_default_pipeline(lora: str | None = None) -> Any:
-    """The shipped model as a `StableDiffusionPipeline`, optionally with a LoRA loaded."""
+def load_default_pipeline(lora: str | None = None, model_dir: str | Path = MODEL_DIR) -> Any:
+    """The shipped model (or a rebuilt one in `model_dir`) as a `StableDiffusionPipeline`, optionally with a LoRA."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     if lora:
         pipe.load_lora_weights(lora)
     return pipe
@@ -62,11 +62,11 @@ def save_grid(rows: list[list], path: Path, scale: int = 3) -> None:
     grid.save(path)
 
 
-def run_default(config: Any = None) -> dict[str, float]:
+def run_default(config: Any = None, model_dir: str | Path = MODEL_DIR) -> dict[str, float]:
     """Align the shipped model with Poly-DPO on its `clean` synthetic set and report base vs aligned reward.
 
     `config` is a `PolyDPOConfig` (from the command line); fields left at their defaults get the embedded run's
-    values: LoRA r=8, 120 steps, batch 8, learning rate 1e-3, beta 2000, alpha 0, CPU.
+    values: LoRA r=8, 300 steps, batch 8, learning rate 3e-3, beta 2000, alpha 0, CPU.
     """
     from peft import LoraConfig
 
@@ -77,9 +77,9 @@ def run_default(config: Any = None) -> dict[str, float]:
     given = config.to_dict() if config is not None else {}
     overrides = dict(
         output_dir="vipo-default-run",
-        max_steps=120,
+        max_steps=300,
         per_device_train_batch_size=8,
-        learning_rate=1e-3,
+        learning_rate=3e-3,
         resolution=32,
         random_flip=False,
         beta=2000.0,
@@ -99,19 +99,19 @@ def run_default(config: Any = None) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
 
     print("vipo-trl embedded default: a tiny shapes model, its clean synthetic preference set, Poly-DPO + LoRA.")
-    base = load_default_pipeline()
+    base = load_default_pipeline(model_dir=model_dir)
     base_reward, base_images = evaluate_reward(base)
     print(f"base model reward on {len(base_images)} held-out prompt/seed pairs: {base_reward:.3f}")
     dataset, stats = make_preference_set("clean", base, seed=args.seed)
     print(f"built the clean preference set: {stats.pairs} pairs from the base model's samples")
 
     lora = LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian")
-    trainer = PolyDPOTrainer(str(MODEL_DIR), args, dataset, peft_config=lora)
+    trainer = PolyDPOTrainer(str(model_dir), args, dataset, peft_config=lora)
     trainer.dataset_name = "vipo-trl synthetic shapes (clean)"
     trainer.train()
     trainer.save_model()
 
-    aligned = load_default_pipeline(lora=str(out))
+    aligned = load_default_pipeline(lora=str(out), model_dir=model_dir)
     aligned_reward, aligned_images = evaluate_reward(aligned)
     step = len(EVAL_SEEDS) * 4  # one scene in four, to keep the grid readable
     save_grid([base_images[::step], aligned_images[::step]], out / "samples.png")

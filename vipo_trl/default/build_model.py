@@ -1,6 +1,6 @@
 """Build the tiny text-to-image model that ships with vipo-trl (`vipo_trl/default/model`), from scratch, on a CPU.
 
-    python -m vipo_trl.default.build_model [--steps 3000] [--output vipo_trl/default/model]
+    python -m vipo_trl.default.build_model [--steps 4500] [--output vipo_trl/default/model]
 
 It is a real `StableDiffusionPipeline` (AutoencoderKL, CLIP text encoder and tokenizer, UNet2DConditionModel, DDPM
 scheduler) at toy size, pre-trained on rendered scenes of `vipo_trl.default.shapes` ("a red circle on the left").
@@ -170,12 +170,21 @@ def train_denoiser(
             log(f"denoiser step {step}: loss {loss.item():.4f}")
 
 
-def build(output: Path, vae_steps: int, steps: int, seed: int = 0, log=print, vae_from: str | None = None) -> Path:
+def build(
+    output: Path,
+    vae_steps: int,
+    steps: int,
+    seed: int = 0,
+    log=print,
+    vae_from: str | None = None,
+    color_noise: float = 0.0,
+) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     parts = components()
+    initial_torch_state = torch.get_rng_state()
     start = time.perf_counter()
     if vae_from:  # reuse an already trained VAE (and its scaling factor)
         parts["vae"] = AutoencoderKL.from_pretrained(vae_from, subfolder="vae")
@@ -183,7 +192,10 @@ def build(output: Path, vae_steps: int, steps: int, seed: int = 0, log=print, va
         latent_std = train_vae(parts["vae"], rng, vae_steps, log)
         parts["vae"].register_to_config(scaling_factor=round(1.0 / latent_std, 4))
     parts["vae"].requires_grad_(False)
-    train_denoiser(parts, rng, steps, log)
+    # The denoiser stage starts from the same random state whether the VAE was trained here or reused.
+    torch.set_rng_state(initial_torch_state)
+    rng = np.random.default_rng(seed)
+    train_denoiser(parts, rng, steps, log, color_noise=color_noise)
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(output)
     log(f"saved to {output} in {time.perf_counter() - start:.0f} s")
@@ -194,8 +206,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT))
     parser.add_argument("--vae_steps", type=int, default=600)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae_from", default=None, help="a pipeline folder whose trained VAE to reuse")
+    parser.add_argument("--color_noise", type=float, default=0.0, help="share of renders shown in a wrong colour")
     args = parser.parse_args()
-    build(Path(args.output), args.vae_steps, args.steps, args.seed, vae_from=args.vae_from)
+    build(
+        Path(args.output), args.vae_steps, args.steps, args.seed, vae_from=args.vae_from, color_noise=args.color_noise
+    )

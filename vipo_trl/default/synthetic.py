@@ -65,9 +65,11 @@ def make_preference_set(
     """A preference set in the generic schema from `samples_per_prompt` base-model samples per scene prompt.
 
     * `clean`: the winner has the higher reward (more attributes right); labels are correct.
-    * `noisy`: only pairs with conflicting attributes (the winner is better on one attribute and worse on another, as
-      when annotators weigh aspects differently: the label follows one attribute drawn at random), and `flip_rate` of
-      the labels flipped, as in Pick-a-Pic v2.
+    * `noisy`: annotators who weigh aspects differently. Each pair of differing samples is labelled by one attribute
+      drawn at random (the winner is the sample right on it; a coin decides when that attribute does not tell them
+      apart), pairs with conflicting attributes (better on one, worse on another) taken first; then `flip_rate` of
+      the labels are flipped, as in Pick-a-Pic v2. `extra["agrees_with_reward"]` is the share of labels that pick
+      the sample with more attributes right, among pairs where the two differ in that count.
     * `easy` (over-simple, as the paper built it): the winner is a good sample for the prompt; the loser an image made
       for a different prompt, so the pair is trivially told apart.
     """
@@ -83,20 +85,22 @@ def make_preference_set(
         by_prompt.setdefault(prompt, []).append((image, np.array(attribute_scores(image, prompt))))
 
     rows: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
-    flipped = conflicting = 0
+    flipped = conflicting = decided = agree = 0
     names = list(by_prompt)
     for prompt_index, (prompt, samples) in enumerate(by_prompt.items()):
-        candidates = []
+        candidates, conflicts = [], []
         for i in range(len(samples)):
             for j in range(i + 1, len(samples)):
                 a, b = samples[i][1], samples[j][1]
                 diff = a - b
-                conflict = bool((diff > 0).any() and (diff < 0).any())
                 if kind == "clean" and a.sum() != b.sum():
                     candidates.append((i, j) if a.sum() > b.sum() else (j, i))
-                elif kind == "noisy" and conflict:
-                    attribute = rng.choice(np.nonzero(diff != 0)[0])  # the aspect this "annotator" looked at
-                    candidates.append((i, j) if diff[attribute] > 0 else (j, i))
+                elif kind == "noisy" and diff.any():
+                    attribute = rng.integers(len(diff))  # the aspect this "annotator" looked at
+                    first_wins = diff[attribute] > 0 if diff[attribute] != 0 else rng.random() < 0.5
+                    pair = (i, j) if first_wins else (j, i)
+                    conflict = bool((diff > 0).any() and (diff < 0).any())
+                    (conflicts if conflict else candidates).append(pair)
         if kind == "easy":
             best = max(range(len(samples)), key=lambda k: samples[k][1].sum())
             other = names[(prompt_index + 1 + rng.integers(len(names) - 1)) % len(names)]
@@ -105,16 +109,29 @@ def make_preference_set(
                 rows["chosen"].append(_png(samples[best][0]))
                 rows["rejected"].append(_png(by_prompt[other][k][0]))
             continue
+        rng.shuffle(conflicts)
         rng.shuffle(candidates)
-        for winner, loser in candidates[:pairs_per_prompt]:
+        for winner, loser in (conflicts + candidates)[:pairs_per_prompt]:
             if kind == "noisy":
-                conflicting += 1
+                won, lost = samples[winner][1], samples[loser][1]
+                conflicting += bool((won > lost).any() and (won < lost).any())
                 if rng.random() < flip_rate:
                     winner, loser = loser, winner
                     flipped += 1
+                totals = samples[winner][1].sum(), samples[loser][1].sum()
+                if totals[0] != totals[1]:
+                    decided += 1
+                    agree += totals[0] > totals[1]
             rows["prompt"].append(prompt)
             rows["chosen"].append(_png(samples[winner][0]))
             rows["rejected"].append(_png(samples[loser][0]))
     n = len(rows["prompt"])
+    if n == 0:
+        raise ValueError(
+            f"no {kind} pairs: the model's {len(images)} samples hold no pair that fits the definition (every "
+            "sample of a prompt has the same attributes right). Draw more samples_per_prompt."
+        )
     stats = PreferenceSetStats(kind, n, flipped / max(n, 1), conflicting / max(n, 1))
+    if kind == "noisy":
+        stats.extra["agrees_with_reward"] = agree / max(decided, 1)
     return Dataset.from_dict(rows), stats

@@ -99,6 +99,8 @@ def generate_images(
             guidance_scale=guidance_scale,
             generator=generators,
         )
+        if not hasattr(out, "images"):
+            raise ValueError(f"{type(pipe).__name__} does not return images; eval scores text-to-image pipelines.")
         images += out.images
     return images
 
@@ -150,6 +152,7 @@ def evaluate_alignment(
     output_dir: str | Path | None = None,
     batch_size: int = 8,
     device: str | None = None,
+    torch_dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Score base and (when `lora` is given) base + LoRA on every prompt x seed; write `results.json`, `grid.png` and
     `scores.png` to `output_dir` when given.
@@ -158,11 +161,16 @@ def evaluate_alignment(
         model: a diffusers pipeline, or its hub id / folder.
         lora: a LoRA folder or hub id for `pipe.load_lora_weights`; `None` scores the base only.
         scorers: names from `available_scorers()` or scorer objects.
+        torch_dtype: the pipeline's dtype when loading it; default bfloat16 on a GPU, float32 on a CPU.
     """
     from diffusers import DiffusionPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = model if not isinstance(model, (str, Path)) else DiffusionPipeline.from_pretrained(str(model))
+    if isinstance(model, (str, Path)):
+        dtype = torch_dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
+    else:
+        pipe = model
     pipe.to(device)
     scorers = resolve_scorers(scorers, device=device)
     all_prompts = [p for p in prompts for _ in seeds]

@@ -101,6 +101,12 @@ def _rgb(images: list[Image.Image]) -> list[Image.Image]:
     return [image.convert("RGB") for image in images]
 
 
+def _centre_square(image: Image.Image) -> Image.Image:
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
 # ---------------------------------------------------------------------------------------------- CLIP family
 
 
@@ -279,7 +285,9 @@ class ImageRewardScorer(RewardScorer):
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         size = {"height": self.image_size, "width": self.image_size}
-        pixels = self.processor.image_processor(_rgb(images), size=size, return_tensors="pt").pixel_values
+        # ImageReward resizes the short side and centre-crops; BLIP's processor would squash a non-square image.
+        squares = [_centre_square(image) for image in _rgb(images)]
+        pixels = self.processor.image_processor(squares, size=size, return_tensors="pt").pixel_values
         text = self.processor.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt"
         )
