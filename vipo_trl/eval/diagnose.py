@@ -96,7 +96,10 @@ def suggest_alpha(consistency: float, easy_share: float) -> tuple[float, str]:
             "over-simple data",
         )
     if consistency >= CLEAN_CONSISTENCY:
-        return 0.0, f"every scorer agrees with {100 * consistency:.0f}% of labels: clean data, Diffusion-DPO's regime"
+        return 0.0, (
+            f"every scorer agrees with {100 * consistency:.0f}% of labels (at least {100 * CLEAN_CONSISTENCY:.0f}%): "
+            "consistent enough for Diffusion-DPO's regime"
+        )
     share = min(1.0, (CLEAN_CONSISTENCY - consistency) / (CLEAN_CONSISTENCY - NOISY_CONSISTENCY))
     alpha = round(NOISY_ALPHA * share, 1)
     return alpha, (
