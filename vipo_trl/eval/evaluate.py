@@ -259,7 +259,7 @@ class RewardEvalCallback(TrainerCallback):
         guidance_scale: float = 7.5,
     ):
         pipe = trainer.adapter.pipeline
-        if getattr(pipe, "text_encoder", None) is None and getattr(pipe, "transformer", None) is None:
+        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "vae", None) is None:
             raise ValueError("RewardEvalCallback needs the pipeline's encoders; a latent-cache run does not load them.")
         self.trainer = trainer
         self.prompts = [p for p in prompts for _ in seeds]
