@@ -196,6 +196,12 @@ class ExoticObject:
     pass
 
 
+def published_head(width):
+    """The MLP head as the ImageReward and LAION aesthetic authors define it (weights at layers 0, 2, 4, 6, 7)."""
+    layers = [nn.Linear(width, 1024), nn.Dropout(), nn.Linear(1024, 128), nn.Dropout(), nn.Linear(128, 64)]
+    return nn.Sequential(*layers, nn.Dropout(), nn.Linear(64, 16), nn.Linear(16, 1)).eval()
+
+
 def tiny_blip(path):
     from transformers import BertTokenizer, BlipConfig, BlipImageProcessor, BlipProcessor
 
@@ -235,16 +241,7 @@ def test_imagereward_loads_the_authors_layout_and_scores_like_its_forward(tmp_pa
     config = tiny_blip(tmp_path / "blip")
     torch.manual_seed(2)
     blip = BlipForImageTextRetrieval(config).eval()
-    head = nn.Sequential(
-        nn.Linear(WIDTH, 1024),
-        nn.Dropout(),
-        nn.Linear(1024, 128),
-        nn.Dropout(),
-        nn.Linear(128, 64),
-        nn.Dropout(),
-        nn.Linear(64, 16),
-        nn.Linear(16, 1),
-    ).eval()
+    head = published_head(WIDTH)
     # The authors' checkpoint layout: timm-style ViT under blip.visual_encoder, BERT under blip.text_encoder.
     state = {f"mlp.layers.{k}": v for k, v in head.state_dict().items()}
     vit = "blip.visual_encoder"
@@ -300,16 +297,7 @@ def test_aesthetic_is_its_head_on_normalised_clip_embeddings(tmp_path):
 
     folder = tiny_clip(tmp_path / "clip")
     torch.manual_seed(3)
-    head = nn.Sequential(
-        nn.Linear(EMBED, 1024),
-        nn.Dropout(),
-        nn.Linear(1024, 128),
-        nn.Dropout(),
-        nn.Linear(128, 64),
-        nn.Dropout(),
-        nn.Linear(64, 16),
-        nn.Linear(16, 1),
-    ).eval()
+    head = published_head(EMBED)
     (tmp_path / "head").mkdir()
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "head" / "aesthetic.pth")
     scorer = get_scorer(
