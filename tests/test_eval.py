@@ -334,6 +334,22 @@ def test_scorer_registry():
     assert shapes.score([render(scene)], [scene.prompt]).tolist() == [1.0]
 
 
+def test_mean_interval_and_t_quantiles_by_hand():
+    from vipo_trl.eval import mean_interval, t_quantile
+
+    # Published two-sided 95% quantiles of Student's t.
+    for df, expected in [(1, 12.706), (4, 2.776), (9, 2.262), (29, 2.045)]:
+        assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-3)
+    assert t_quantile(0.95, 4) == pytest.approx(2.132, abs=1e-3)
+    # 1..5: mean 3, sd sqrt(2.5), half width 2.776 * sqrt(2.5) / sqrt(5) = 1.963.
+    interval = mean_interval([1, 2, 3, 4, 5])
+    assert interval.mean == 3.0 and interval.half_width == pytest.approx(1.9632, abs=1e-3)
+    assert interval.excludes_zero() and not mean_interval([-1, 1, 2]).excludes_zero()
+    assert math.isinf(mean_interval([0.5]).half_width)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_interval([])
+
+
 def test_win_rate_and_its_wilson_interval_by_hand():
     a = torch.tensor([3.0, 2.0, 5.0, 1.0, 4.0, 4.0, 0.0, 9.0])
     b = torch.tensor([1.0, 2.0, 4.0, 2.0, 3.0, 4.0, 1.0, 1.0])

@@ -41,3 +41,34 @@ def test_compare_losses_smoke(tmp_path):
     assert results["dpo"]["final_train_loss"] == pytest.approx(results["diffusion_dpo"]["final_train_loss"])
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
     assert "| poly_dpo |" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_alpha_ablation_smoke(tmp_path):
+    """The study's smoke grid (2 seeds, alpha 0 and 1, one learning-rate control) runs, resumes and reports."""
+    command = [sys.executable, str(ROOT / "examples" / "alpha_ablation.py"), "--smoke", "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = results["runs"]
+    arms = {(r["set"], r["seed"], r["alpha"], r["arm"]) for r in runs}
+    assert arms == {(s, seed, a, "poly_dpo") for s in ("clean", "noisy") for seed in (0, 1) for a in (0.0, 1.0)} | {
+        (s, seed, 0.0, "lr_control") for s in ("clean", "noisy") for seed in (0, 1)
+    }
+    for control in (r for r in runs if r["arm"] == "lr_control"):
+        matched = next(r for r in runs if (r["set"], r["seed"], r["alpha"], r["arm"]) ==
+                       (control["set"], control["seed"], 1.0, "poly_dpo"))
+        assert matched["grad_scale"] > 1.0  # 1 + alpha p with alpha 1
+        assert control["learning_rate"] == pytest.approx(3e-3 * matched["grad_scale"])
+    stats = results["stats"]
+    cell = next(c for c in stats["cells"] if c["set"] == "clean" and c["alpha"] == 1.0)
+    gains = [r["gain"] for r in runs if (r["set"], r["alpha"], r["arm"]) == ("clean", 1.0, "poly_dpo")]
+    assert cell["gain"]["mean"] == pytest.approx(sum(gains) / 2) and cell["gain"]["n"] == 2
+    assert {c["set"] for c in stats["controls"]} == {"clean", "noisy"} and len(stats["slopes"]) == 2
+    assert set(results["verdicts"]) == {"clean", "noisy"}
+    table = (tmp_path / "table.md").read_text()
+    assert "Learning-rate control" in table and "| noisy |" in table
+    assert (tmp_path / "alpha_study.png").stat().st_size > 10_000
+    # Resumable: a second call finds every run done and only rebuilds the report.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "running 0" in again.stdout, again.stdout[-2000:]

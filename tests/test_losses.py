@@ -54,7 +54,11 @@ def test_diffusion_dpo_by_hand():
 def test_poly_dpo_by_hand():
     a = CFG.poly_alpha
     expected = sum(-math.log(sigmoid(z)) + a * (1 - sigmoid(z)) for z in logits_by_hand()) / 2
-    assert get_loss("poly_dpo").fn(ERRORS, CFG).loss.item() == pytest.approx(expected, rel=1e-6)
+    out = get_loss("poly_dpo").fn(ERRORS, CFG)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    # The factor on Diffusion-DPO's gradient, 1 + alpha p, averaged over the pairs: logits 0.4 and -0.2.
+    assert out.metrics["poly_dpo/grad_scale"].item() == pytest.approx(1 + a * (sigmoid(0.4) + sigmoid(-0.2)) / 2)
+    assert out.metrics["poly_dpo/grad_scale"].item() == pytest.approx(1.2622, abs=1e-4)
 
 
 def test_poly_dpo_with_alpha_zero_equals_diffusion_dpo_exactly():

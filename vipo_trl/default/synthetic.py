@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from .shapes import ALL_SCENES, attribute_scores
+from .shapes import ALL_SCENES, COLORS, SHAPES, Scene, attribute_scores
 
 KINDS = ("clean", "noisy", "easy")
 
@@ -34,6 +34,16 @@ def generate(
             prompts[chunk], num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators
         ).images
     return images
+
+
+def _confused(prompt: str, rng: np.random.Generator) -> str:
+    """The prompt a generator that confuses attributes draws: `prompt` with its colour or its shape swapped."""
+    scene = Scene.from_prompt(prompt)
+    if rng.random() < 0.5:
+        scene = Scene(str(rng.choice([c for c in COLORS if c != scene.color])), scene.shape, scene.position)
+    else:
+        scene = Scene(scene.color, str(rng.choice([s for s in SHAPES if s != scene.shape])), scene.position)
+    return scene.prompt
 
 
 def _png(image: Image.Image) -> bytes:
@@ -65,11 +75,15 @@ def make_preference_set(
     """A preference set in the generic schema from `samples_per_prompt` base-model samples per scene prompt.
 
     * `clean`: the winner has the higher reward (more attributes right); labels are correct.
-    * `noisy`: annotators who weigh aspects differently. Each pair of differing samples is labelled by one attribute
-      drawn at random (the winner is the sample right on it; a coin decides when that attribute does not tell them
-      apart), pairs with conflicting attributes (better on one, worse on another) taken first; then `flip_rate` of
-      the labels are flipped, as in Pick-a-Pic v2. `extra["agrees_with_reward"]` is the share of labels that pick
-      the sample with more attributes right, among pairs where the two differ in that count.
+    * `noisy`: samples from two generators and annotators who weigh aspects differently. Half of each prompt's
+      samples come from the model, half from a weaker generator that confuses attributes (the same model given the
+      prompt with its colour or its shape swapped): the model errs mostly on position, the weaker one on colour or
+      shape, so their pairs conflict (one better on an attribute, worse on another) as pairs from the different
+      generators of Pick-a-Pic v2 do. Each pair of differing samples is labelled by one attribute drawn at random
+      (the winner is the sample right on it; a coin decides when that attribute does not tell them apart),
+      conflicting pairs taken first; then `flip_rate` of the labels are flipped, as in Pick-a-Pic v2.
+      `extra["agrees_with_reward"]` is the share of labels that pick the sample with more attributes right, among
+      pairs where the two differ in that count.
     * `easy` (over-simple, as the paper built it): the winner is a good sample for the prompt; the loser an image made
       for a different prompt, so the pair is trivially told apart.
     """
@@ -79,7 +93,10 @@ def make_preference_set(
     scenes = scenes or ALL_SCENES
     prompts = [s.prompt for s in scenes for _ in range(samples_per_prompt)]
     seeds = [int(x) for x in rng.integers(0, 2**31, size=len(prompts))]
-    images = generate(pipe, prompts, seeds)
+    asked = list(prompts)
+    if kind == "noisy":  # every other sample from the weaker generator
+        asked = [_confused(p, rng) if k % 2 else p for k, p in enumerate(prompts)]
+    images = generate(pipe, asked, seeds)
     by_prompt: dict[str, list[tuple[Image.Image, np.ndarray]]] = {}
     for prompt, image in zip(prompts, images):
         by_prompt.setdefault(prompt, []).append((image, np.array(attribute_scores(image, prompt))))

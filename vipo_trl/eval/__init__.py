@@ -17,12 +17,13 @@ from .scorers import (
     get_scorer,
     register_scorer,
 )
-from .stats import WinRate, win_rate
+from .stats import MeanInterval, WinRate, mean_interval, t_quantile, win_rate
 
 __all__ = [
     "BUILTIN_PROMPTS",
     "Diagnosis",
     "EvalResult",
+    "MeanInterval",
     "RewardEvalCallback",
     "RewardScorer",
     "ScorerAgreement",
@@ -35,8 +36,10 @@ __all__ = [
     "generate_images",
     "get_scorer",
     "load_prompts",
+    "mean_interval",
     "register_scorer",
     "suggest_alpha",
     "summarize",
+    "t_quantile",
     "win_rate",
 ]

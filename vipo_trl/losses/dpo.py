@@ -62,4 +62,9 @@ def poly_dpo_loss(errors: DenoisingErrors, config: Any) -> LossOutput:
     logits = preference_logits(errors, config.beta)
     p = torch.sigmoid(logits)
     per_pair = -F.logsigmoid(logits) + config.poly_alpha * (1.0 - p)
-    return LossOutput(loss=per_pair.mean(), metrics={"poly_dpo/p_mean": p.detach().mean()})
+    # `1 + alpha p` is the factor Poly-DPO puts on Diffusion-DPO's gradient: logged so a run shows how much of
+    # alpha's effect is a learning-rate change (about 1 + alpha/2 while p stays near 0.5).
+    grad_scale = 1.0 + config.poly_alpha * p.detach()
+    return LossOutput(
+        loss=per_pair.mean(), metrics={"poly_dpo/p_mean": p.detach().mean(), "poly_dpo/grad_scale": grad_scale.mean()}
+    )
