@@ -62,7 +62,7 @@ def worker(mode: str, model: str, data: str, cache: str, steps: int, resolution:
     trainer.train()
     seconds = stamps[-1] - stamps[1]  # the first two steps are warm-up
     peak_mb = probe.peak_mb()
-    modules = [trainer.model, *trainer.adapter.frozen_modules.values()]
+    modules = [trainer.model, *trainer.family.frozen_modules.values()]
     weights_mb = sum(p.numel() * p.element_size() for m in modules for p in m.parameters()) / 2**20
     print(json.dumps({"steps_per_sec": (len(stamps) - 2) / seconds, "peak_rss_mb": peak_mb, "weights_mb": weights_mb}))
 

@@ -46,7 +46,7 @@ def memory_per_gpu(p: float, mode: str, gpus: int) -> float:
     Full fine-tuning is bf16 mixed precision as transformers' Trainer runs it: fp32 weights (4 B/param), fp32
     gradients (4), AdamW moments (8), and the frozen reference copy in bf16 (2), which the trainer keeps whole on every
     GPU. ZeRO-2 shards gradients and optimizer state; ZeRO-3/FSDP also the weights. LoRA: frozen bf16 weights (2), the
-    reference is the same weights with adapters off; adapter weights and their optimizer state are negligible.
+    reference is the same weights with adapters off; LoRA weights and their optimizer state are negligible.
     """
     if mode == "lora":
         return 2 * p

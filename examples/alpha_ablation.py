@@ -71,8 +71,17 @@ class Plan:
     samples_per_prompt: int = 6
 
 
-SMOKE = Plan(sets=("clean", "noisy"), alphas=(0.0, 1.0), controlled=(1.0,), seeds=(0, 1), steps=3,
-             eval_seeds=(10_001,), eval_steps=3, scenes_step=6, samples_per_prompt=4)
+SMOKE = Plan(
+    sets=("clean", "noisy"),
+    alphas=(0.0, 1.0),
+    controlled=(1.0,),
+    seeds=(0, 1),
+    steps=3,
+    eval_seeds=(10_001,),
+    eval_steps=3,
+    scenes_step=6,
+    samples_per_prompt=4,
+)
 
 
 # --- work done in the worker processes -------------------------------------------------------------------------------
@@ -123,8 +132,13 @@ def evaluate(pipe, plan: Plan) -> dict:
     images = generate(pipe, prompts, seeds, steps=plan.eval_steps)
     scores = np.array([attribute_scores(im, p) for im, p in zip(images, prompts)], dtype=float)
     colour, shape, position = scores.mean(axis=0).tolist()
-    return {"reward": float(scores.mean()), "colour": colour, "shape": shape, "position": position,
-            "samples": len(prompts)}
+    return {
+        "reward": float(scores.mean()),
+        "colour": colour,
+        "shape": shape,
+        "position": position,
+        "samples": len(prompts),
+    }
 
 
 def task_base(plan: Plan, path: str) -> dict:
@@ -145,14 +159,28 @@ def task_set(plan: Plan, kind: str, seed: int, work: str, path: str) -> dict:
     cache = os.path.join(work, "cache", f"{kind}-seed{seed}")
     config = PolyDPOConfig(output_dir=cache, resolution=32, random_flip=False, seed=seed, report_to=[], use_cpu=True)
     build_latent_cache(str(MODEL_DIR), dataset, cache, config, show_progress=False, device="cpu")
-    result = {"set": kind, "seed": seed, "pairs": stats.pairs, "flip_rate": stats.flip_rate,
-              "conflict_rate": stats.conflict_rate, **stats.extra, "cache": cache}
+    result = {
+        "set": kind,
+        "seed": seed,
+        "pairs": stats.pairs,
+        "flip_rate": stats.flip_rate,
+        "conflict_rate": stats.conflict_rate,
+        **stats.extra,
+        "cache": cache,
+    }
     _write_json(path, result)
     return result
 
 
 def task_train(
-    plan: Plan, kind: str, seed: int, alpha: float, lr: float, arm: str, work: str, path: str,
+    plan: Plan,
+    kind: str,
+    seed: int,
+    alpha: float,
+    lr: float,
+    arm: str,
+    work: str,
+    path: str,
     matched_alpha: float | None = None,
 ) -> dict:
     """Train one arm from the set's cache with the public API, then score the aligned model. A learning-rate
@@ -164,9 +192,21 @@ def task_train(
 
     out = os.path.join(work, "models", Path(path).stem)
     config = PolyDPOConfig(
-        output_dir=out, loss_type="poly_dpo", poly_alpha=alpha, beta=2000.0, max_steps=plan.steps,
-        per_device_train_batch_size=8, learning_rate=lr, resolution=32, random_flip=False, save_strategy="no",
-        report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=max(1, min(20, plan.steps)), seed=seed,
+        output_dir=out,
+        loss_type="poly_dpo",
+        poly_alpha=alpha,
+        beta=2000.0,
+        max_steps=plan.steps,
+        per_device_train_batch_size=8,
+        learning_rate=lr,
+        resolution=32,
+        random_flip=False,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=max(1, min(20, plan.steps)),
+        seed=seed,
     )
     cache = os.path.join(work, "cache", f"{kind}-seed{seed}")
     lora = LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian")
@@ -178,10 +218,18 @@ def task_train(
     logged = [h["poly_dpo/grad_scale"] for h in trainer.state.log_history if "poly_dpo/grad_scale" in h]
     accuracy = [h["rewards/accuracies"] for h in trainer.state.log_history if "rewards/accuracies" in h]
     pipe = load_default_pipeline(lora=out)
-    result = {"set": kind, "seed": seed, "alpha": alpha, "learning_rate": lr, "arm": arm,
-              "matched_alpha": matched_alpha, "grad_scale": sum(logged) / len(logged),
-              "final_accuracy": accuracy[-1] if accuracy else None,
-              "train_seconds": seconds, **evaluate(pipe, plan)}
+    result = {
+        "set": kind,
+        "seed": seed,
+        "alpha": alpha,
+        "learning_rate": lr,
+        "arm": arm,
+        "matched_alpha": matched_alpha,
+        "grad_scale": sum(logged) / len(logged),
+        "final_accuracy": accuracy[-1] if accuracy else None,
+        "train_seconds": seconds,
+        **evaluate(pipe, plan),
+    }
     _write_json(path, result)
     return result
 
@@ -213,17 +261,28 @@ def run_study(plan: Plan, output: Path, workers: int, threads: int) -> None:
         for kind in plan.sets:
             tasks.append(("set", (kind, seed), set_file(kind, seed), lambda: []))
             for alpha in plan.alphas:
-                tasks.append(("arm", (kind, seed, alpha), arm_file(kind, seed, alpha), lambda k=kind, s=seed: [
-                    set_file(k, s)]))
+                tasks.append(
+                    ("arm", (kind, seed, alpha), arm_file(kind, seed, alpha), lambda k=kind, s=seed: [set_file(k, s)])
+                )
             for alpha in plan.controlled:
-                tasks.append(("control", (kind, seed, alpha), arm_file(kind, seed, alpha, "lr_control"),
-                              lambda k=kind, s=seed, a=alpha: [set_file(k, s), arm_file(k, s, a)]))
+                tasks.append(
+                    (
+                        "control",
+                        (kind, seed, alpha),
+                        arm_file(kind, seed, alpha, "lr_control"),
+                        lambda k=kind, s=seed, a=alpha: [set_file(k, s), arm_file(k, s, a)],
+                    )
+                )
     pending = [t for t in tasks if not t[2].is_file()]
-    print(f"{len(tasks) - len(pending)} of {len(tasks)} tasks already done; running {len(pending)} "
-          f"({workers} workers x {threads} thread)", flush=True)
+    print(
+        f"{len(tasks) - len(pending)} of {len(tasks)} tasks already done; running {len(pending)} "
+        f"({workers} workers x {threads} thread)",
+        flush=True,
+    )
     start = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(threads,)
+    ) as pool:
         running: dict = {}
         done_count = 0
         while pending or running:
@@ -243,8 +302,9 @@ def run_study(plan: Plan, output: Path, workers: int, threads: int) -> None:
                 else:
                     s, seed, alpha = key
                     scale = json.loads(arm_file(s, seed, alpha).read_text())["grad_scale"]
-                    future = pool.submit(task_train, plan, s, seed, 0.0, LEARNING_RATE * scale, "lr_control",
-                                         str(work), str(path), alpha)
+                    future = pool.submit(
+                        task_train, plan, s, seed, 0.0, LEARNING_RATE * scale, "lr_control", str(work), str(path), alpha
+                    )
                 running[future] = task
             if not running:
                 raise RuntimeError(f"tasks waiting on dependencies that never finish: {[t[:2] for t in pending]}")
@@ -255,8 +315,11 @@ def run_study(plan: Plan, output: Path, workers: int, threads: int) -> None:
                 done_count += 1
                 minutes = (time.perf_counter() - start) / 60
                 summary = {k: result[k] for k in ("reward", "grad_scale", "pairs", "conflict_rate") if k in result}
-                print(f"[{done_count}/{done_count + len(pending) + len(running)} {minutes:.1f} min] {task[0]} "
-                      f"{task[1]} {summary}", flush=True)
+                print(
+                    f"[{done_count}/{done_count + len(pending) + len(running)} {minutes:.1f} min] {task[0]} "
+                    f"{task[1]} {summary}",
+                    flush=True,
+                )
 
 
 # --- the report ------------------------------------------------------------------------------------------------------
@@ -283,22 +346,32 @@ def statistics(results: dict) -> dict:
         return {r["seed"]: r["gain"] for r in runs if r["set"] == kind and r["alpha"] == alpha and r["arm"] == arm}
 
     def controls(kind, alpha):  # controls are alpha-0 runs, told apart by the alpha whose scale they borrowed
-        return {r["seed"]: r["gain"] for r in runs if r["set"] == kind and r["arm"] == "lr_control"
-                and r.get("matched_alpha") == alpha}
+        return {
+            r["seed"]: r["gain"]
+            for r in runs
+            if r["set"] == kind and r["arm"] == "lr_control" and r.get("matched_alpha") == alpha
+        }
 
     stats: dict = {"cells": [], "versus_dpo": [], "slopes": [], "controls": []}
     for kind in sorted({r["set"] for r in runs}, key=SETS.index):
         alphas = sorted({r["alpha"] for r in runs if r["set"] == kind and r["arm"] == "poly_dpo"})
         for alpha in alphas:
             g = gains(kind, alpha)
-            stats["cells"].append({"set": kind, "alpha": alpha, "seeds": sorted(g),
-                                   "gain": mean_interval(list(g.values())).to_dict()})
+            stats["cells"].append(
+                {"set": kind, "alpha": alpha, "seeds": sorted(g), "gain": mean_interval(list(g.values())).to_dict()}
+            )
             if alpha != 0.0:
                 dpo = gains(kind, 0.0)
                 seeds = sorted(set(g) & set(dpo))
                 if seeds:
-                    stats["versus_dpo"].append({"set": kind, "alpha": alpha, "seeds": seeds,
-                                                "difference": mean_interval([g[s] - dpo[s] for s in seeds]).to_dict()})
+                    stats["versus_dpo"].append(
+                        {
+                            "set": kind,
+                            "alpha": alpha,
+                            "seeds": seeds,
+                            "difference": mean_interval([g[s] - dpo[s] for s in seeds]).to_dict(),
+                        }
+                    )
         grid = [a for a in alphas if -1.0 <= a <= 1.0]
         per_seed = []
         for seed in sorted({r["seed"] for r in runs if r["set"] == kind}):
@@ -306,20 +379,32 @@ def statistics(results: dict) -> dict:
             if len(grid) >= 2 and all(v is not None for _, v in points):
                 mean_a = sum(a for a, _ in points) / len(points)
                 mean_g = sum(v for _, v in points) / len(points)
-                per_seed.append(sum((a - mean_a) * (v - mean_g) for a, v in points)
-                                / sum((a - mean_a) ** 2 for a, _ in points))
+                per_seed.append(
+                    sum((a - mean_a) * (v - mean_g) for a, v in points) / sum((a - mean_a) ** 2 for a, _ in points)
+                )
         if per_seed:
-            stats["slopes"].append({"set": kind, "alphas": grid, "slope_per_unit_alpha":
-                                    mean_interval(per_seed).to_dict(), "per_seed": per_seed})
+            stats["slopes"].append(
+                {
+                    "set": kind,
+                    "alphas": grid,
+                    "slope_per_unit_alpha": mean_interval(per_seed).to_dict(),
+                    "per_seed": per_seed,
+                }
+            )
         for alpha in sorted({r.get("matched_alpha") for r in runs if r["set"] == kind and r["arm"] == "lr_control"}):
             g, c = gains(kind, alpha), controls(kind, alpha)
             seeds = sorted(set(g) & set(c))
             lrs = [r["learning_rate"] for r in runs if r["set"] == kind and r.get("matched_alpha") == alpha]
-            stats["controls"].append({
-                "set": kind, "alpha": alpha, "seeds": seeds, "mean_learning_rate": sum(lrs) / len(lrs),
-                "control_gain": mean_interval([c[s] for s in seeds]).to_dict(),
-                "alpha_minus_control": mean_interval([g[s] - c[s] for s in seeds]).to_dict(),
-            })
+            stats["controls"].append(
+                {
+                    "set": kind,
+                    "alpha": alpha,
+                    "seeds": seeds,
+                    "mean_learning_rate": sum(lrs) / len(lrs),
+                    "control_gain": mean_interval([c[s] for s in seeds]).to_dict(),
+                    "alpha_minus_control": mean_interval([g[s] - c[s] for s in seeds]).to_dict(),
+                }
+            )
     return stats
 
 
@@ -347,7 +432,8 @@ def verdicts(stats: dict) -> dict:
     for control in stats["controls"]:
         d = control["alpha_minus_control"]
         out[control["set"]][f"alpha {control['alpha']:g} vs its lr control"] = (
-            ("alpha better" if d["mean"] > 0 else "control better") if d["low"] > 0 or d["high"] < 0
+            ("alpha better" if d["mean"] > 0 else "control better")
+            if d["low"] > 0 or d["high"] < 0
             else "not distinguishable from a learning-rate change"
         )
     return out
@@ -389,30 +475,53 @@ def _table(results: dict) -> str:
     for kind in sorted({c["set"] for c in stats["cells"]}, key=SETS.index):
         cells = {c["alpha"]: _fmt(c["gain"]) for c in stats["cells"] if c["set"] == kind}
         lines.append(f"| {kind} | " + " | ".join(cells.get(a, "-") for a in alphas) + " |")
-    lines += ["", "Paired difference against alpha = 0 (same seeds):", "",
-              "| set | " + " | ".join(f"alpha={a:g}" for a in alphas if a != 0) + " |",
-              "|---|" + "---|" * (len(alphas) - 1)]
+    lines += [
+        "",
+        "Paired difference against alpha = 0 (same seeds):",
+        "",
+        "| set | " + " | ".join(f"alpha={a:g}" for a in alphas if a != 0) + " |",
+        "|---|" + "---|" * (len(alphas) - 1),
+    ]
     for kind in sorted({c["set"] for c in stats["cells"]}, key=SETS.index):
         cells = {d["alpha"]: _fmt(d["difference"]) for d in stats["versus_dpo"] if d["set"] == kind}
         lines.append(f"| {kind} | " + " | ".join(cells.get(a, "-") for a in alphas if a != 0) + " |")
-    lines += ["", "Slope of gain per unit alpha over [-1, 1] (per-seed least squares, then mean ± 95% interval), and "
-              "the verdict against the paper's Fig. 4:", "", "| set | slope | paper | verdict |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Slope of gain per unit alpha over [-1, 1] (per-seed least squares, then mean ± 95% interval), and "
+        "the verdict against the paper's Fig. 4:",
+        "",
+        "| set | slope | paper | verdict |",
+        "|---|---|---|---|",
+    ]
     for s in stats["slopes"]:
         v = results["verdicts"][s["set"]]
         lines.append(f"| {s['set']} | {_fmt(s['slope_per_unit_alpha'])} | {v['paper']} | {v['verdict']} |")
     if stats["controls"]:
-        lines += ["", "Learning-rate control: Diffusion-DPO at lr x mean `1 + alpha p` of the alpha run (same seeds).",
-                  "", "| set | alpha | control lr | control gain | alpha run minus control | reading |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Learning-rate control: Diffusion-DPO at lr x mean `1 + alpha p` of the alpha run (same seeds).",
+            "",
+            "| set | alpha | control lr | control gain | alpha run minus control | reading |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in stats["controls"]:
             reading = results["verdicts"][c["set"]][f"alpha {c['alpha']:g} vs its lr control"]
-            lines.append(f"| {c['set']} | {c['alpha']:g} | {c['mean_learning_rate']:.2e} | {_fmt(c['control_gain'])} "
-                         f"| {_fmt(c['alpha_minus_control'])} | {reading} |")
+            lines.append(
+                f"| {c['set']} | {c['alpha']:g} | {c['mean_learning_rate']:.2e} | {_fmt(c['control_gain'])} "
+                f"| {_fmt(c['alpha_minus_control'])} | {reading} |"
+            )
     sets = results["sets"]
-    lines += ["", "Sets (mean over seeds): " + "; ".join(
-        f"{kind} {_mean(sets, kind, 'pairs'):.0f} pairs, flipped {_mean(sets, kind, 'flip_rate'):.0%}, "
-        f"conflicting {_mean(sets, kind, 'conflict_rate'):.0%}"
-        for kind in SETS if any(s["set"] == kind for s in sets)) + "."]
+    lines += [
+        "",
+        "Sets (mean over seeds): "
+        + "; ".join(
+            f"{kind} {_mean(sets, kind, 'pairs'):.0f} pairs, flipped {_mean(sets, kind, 'flip_rate'):.0%}, "
+            f"conflicting {_mean(sets, kind, 'conflict_rate'):.0%}"
+            for kind in SETS
+            if any(s["set"] == kind for s in sets)
+        )
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -433,16 +542,31 @@ def _plot(results: dict, path: Path) -> None:
     for ax, kind in zip(axes[0], kinds):
         cells = sorted((c for c in stats["cells"] if c["set"] == kind), key=lambda c: c["alpha"])
         xs = [c["alpha"] for c in cells]
-        ax.errorbar(xs, [c["gain"]["mean"] for c in cells], yerr=[c["gain"]["half_width"] for c in cells],
-                    marker="o", capsize=3, label="Poly-DPO (ours)")
+        ax.errorbar(
+            xs,
+            [c["gain"]["mean"] for c in cells],
+            yerr=[c["gain"]["half_width"] for c in cells],
+            marker="o",
+            capsize=3,
+            label="Poly-DPO (ours)",
+        )
         controls = [c for c in stats["controls"] if c["set"] == kind]
         if controls:
-            ax.errorbar([c["alpha"] + 0.15 for c in controls], [c["control_gain"]["mean"] for c in controls],
-                        yerr=[c["control_gain"]["half_width"] for c in controls], fmt="s", color="tab:red",
-                        capsize=3, label="DPO at matched lr")
+            ax.errorbar(
+                [c["alpha"] + 0.15 for c in controls],
+                [c["control_gain"]["mean"] for c in controls],
+                yerr=[c["control_gain"]["half_width"] for c in controls],
+                fmt="s",
+                color="tab:red",
+                capsize=3,
+                label="DPO at matched lr",
+            )
         ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set(title=f"{kind} (paper: {PAPER_DIRECTION[kind]})", xlabel="alpha (0 = Diffusion-DPO)",
-               ylabel="reward gain over base (95% CI)")
+        ax.set(
+            title=f"{kind} (paper: {PAPER_DIRECTION[kind]})",
+            xlabel="alpha (0 = Diffusion-DPO)",
+            ylabel="reward gain over base (95% CI)",
+        )
         paper = PAPER_FIG4[kind]
         twin = ax.twinx()
         twin.plot(list(paper), list(paper.values()), "--", color="tab:green", marker="x", label="paper Fig. 4")

@@ -55,7 +55,7 @@ def test_training_from_the_cache_gives_the_raw_losses_without_loading_encoders(t
 
     raw = PolyDPOTrainer(tiny_sd_path, config(tmp_path), data, peft_config=lora())
     cached = PolyDPOTrainer(tiny_sd_path, config(tmp_path), cache, peft_config=lora())
-    assert cached.adapter.pipeline.vae is None and cached.adapter.pipeline.text_encoder is None
+    assert cached.family.pipeline.vae is None and cached.family.pipeline.text_encoder is None
 
     # The same pairs give the same denoising errors (same latent sample, noise and timestep per row).
     raw_batch = raw._prepare_inputs(raw.data_collator([raw.train_dataset[i] for i in (1, 4)]))
@@ -143,7 +143,7 @@ def test_cache_of_a_flow_family_with_pooled_embeddings(tmp_path):
     cache = build_latent_cache(str(tmp_path / "sd3"), pickapic_dataset(4), tmp_path / "cache", args)
     assert read_manifest(cache)["conditioning_keys"] == ["encoder_hidden_states", "pooled_projections"]
     trainer = PolyDPOTrainer(str(tmp_path / "sd3"), args, cache, peft_config=lora())
-    assert trainer.adapter.pipeline.text_encoder_3 is None and trainer.adapter.pipeline.vae is None
+    assert trainer.family.pipeline.text_encoder_3 is None and trainer.family.pipeline.vae is None
     trainer.train()
     assert all(np.isfinite(losses(trainer)))
     assert json.loads(json.dumps(read_manifest(cache)))["settings"]["max_sequence_length"] == 8

@@ -38,10 +38,10 @@ def base():
 
 
 def test_shipped_model_loads_and_generates(base):
-    from vipo_trl.models import StableDiffusionAdapter, load_adapter
+    from vipo_trl.models import StableDiffusionFamily, load_family
 
     assert (MODEL_DIR / "model_index.json").is_file()
-    assert isinstance(load_adapter(str(MODEL_DIR)), StableDiffusionAdapter)  # the same path as a real checkpoint
+    assert isinstance(load_family(str(MODEL_DIR)), StableDiffusionFamily)  # the same path as a real checkpoint
     from vipo_trl.default import generate
 
     images = generate(base, [s.prompt for s in ALL_SCENES[:4]], [0, 1, 2, 3])

@@ -56,8 +56,11 @@ def test_alpha_ablation_smoke(tmp_path):
         (s, seed, 0.0, "lr_control") for s in ("clean", "noisy") for seed in (0, 1)
     }
     for control in (r for r in runs if r["arm"] == "lr_control"):
-        matched = next(r for r in runs if (r["set"], r["seed"], r["alpha"], r["arm"]) ==
-                       (control["set"], control["seed"], 1.0, "poly_dpo"))
+        matched = next(
+            r
+            for r in runs
+            if (r["set"], r["seed"], r["alpha"], r["arm"]) == (control["set"], control["seed"], 1.0, "poly_dpo")
+        )
         assert matched["grad_scale"] > 1.0  # 1 + alpha p with alpha 1
         assert control["learning_rate"] == pytest.approx(3e-3 * matched["grad_scale"])
     stats = results["stats"]

@@ -9,7 +9,7 @@ from families import FAMILIES, Family
 from peft import LoraConfig
 
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer
-from vipo_trl.models import StableDiffusion3Adapter, load_adapter
+from vipo_trl.models import StableDiffusion3Family, load_family
 
 BY_NAME = {f.name: f for f in FAMILIES}
 
@@ -72,7 +72,7 @@ def test_lora_steps_and_official_pipeline_load(tmp_path, family_paths, name):
     assert any(not torch.equal(before[k], v) for k, v in after.items() if "lora_" in k)
     trainer.save_model()
 
-    pipe = trainer.adapter.pipeline_class.from_pretrained(path)
+    pipe = trainer.family.pipeline_class.from_pretrained(path)
     base = generate(pipe, family)
     pipe.load_lora_weights(trainer.args.output_dir)
     assert np.abs(generate(pipe, family) - base).max() > 1e-4
@@ -91,32 +91,32 @@ def test_full_finetune_with_gradient_checkpointing(tmp_path, family_paths, name)
 
 
 def test_flow_matching_noising_and_target_by_hand(family_paths):
-    adapter = load_adapter(family_paths["sd3"])
-    assert isinstance(adapter, StableDiffusion3Adapter)
+    family = load_family(family_paths["sd3"])
+    assert isinstance(family, StableDiffusion3Family)
     generators = [torch.Generator().manual_seed(i) for i in range(64)]
-    timesteps = adapter.sample_timesteps(generators)
-    assert set(timesteps.tolist()) <= set(adapter.noise_scheduler.timesteps.tolist())
+    timesteps = family.sample_timesteps(generators)
+    assert set(timesteps.tolist()) <= set(family.noise_scheduler.timesteps.tolist())
     x0, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     t = timesteps[:2]
-    noisy, target = adapter.noisy_input_and_target(x0, noise, t)
+    noisy, target = family.noisy_input_and_target(x0, noise, t)
     # FlowMatchEulerDiscreteScheduler: timestep = sigma * 1000 (shift already applied to both).
     sigma = (t / 1000).view(-1, 1, 1, 1)
     torch.testing.assert_close(noisy, (1 - sigma) * x0 + sigma * noise)
     torch.testing.assert_close(target, noise - x0)
-    assert adapter.error_weights(t) is None
+    assert family.error_weights(t) is None
 
 
 def test_flow_timestep_density_and_loss_weighting(family_paths):
     from vipo_trl.models import DiffusionOptions
 
     generators = [torch.Generator().manual_seed(i) for i in range(400)]
-    logit_normal = load_adapter(family_paths["sd3"]).sample_timesteps(generators).float()
-    uniform = load_adapter(family_paths["sd3"], options=DiffusionOptions(timestep_sampling="uniform"))
+    logit_normal = load_family(family_paths["sd3"]).sample_timesteps(generators).float()
+    uniform = load_family(family_paths["sd3"], options=DiffusionOptions(timestep_sampling="uniform"))
     spread = uniform.sample_timesteps(generators).float()
     # Logit-normal concentrates on the middle of the schedule; uniform indices do not.
     middle = lambda t: ((t > 250) & (t < 950)).float().mean()  # noqa: E731
     assert middle(logit_normal) > middle(spread) + 0.1
-    weighted = load_adapter(family_paths["sd3"], options=DiffusionOptions(loss_weighting="sigma_sqrt"))
+    weighted = load_family(family_paths["sd3"], options=DiffusionOptions(loss_weighting="sigma_sqrt"))
     t = weighted.noise_scheduler.timesteps[[100, 500]]
     torch.testing.assert_close(weighted.error_weights(t), (t / 1000) ** -2.0)
 
@@ -124,7 +124,7 @@ def test_flow_timestep_density_and_loss_weighting(family_paths):
 def test_sdxl_time_ids_match_the_pipeline(tmp_path, family_paths):
     family = BY_NAME["sdxl"]
     trainer = PolyDPOTrainer(family_paths["sdxl"], make_config(tmp_path, family), pickapic_dataset(2))
-    pipe = trainer.adapter.pipeline
+    pipe = trainer.family.pipeline
     captured = {}
 
     def hook(module, args, kwargs):
@@ -141,11 +141,11 @@ def test_sdxl_time_ids_match_the_pipeline(tmp_path, family_paths):
         "original_sizes": [(16, 16)],
         "crop_top_lefts": [(0, 0)],
     }
-    ours = trainer.adapter.encode_conditioning(batch)["time_ids"]
+    ours = trainer.family.encode_conditioning(batch)["time_ids"]
     torch.testing.assert_close(ours[0], captured["time_ids"][-1].to(ours.dtype))
     # A cropped, larger original is conditioned on its own size and crop.
     batch.update(original_sizes=[(40, 30)], crop_top_lefts=[(5, 0)])
-    assert trainer.adapter.encode_conditioning(batch)["time_ids"][0].tolist() == [40, 30, 5, 0, 16, 16]
+    assert trainer.family.encode_conditioning(batch)["time_ids"][0].tolist() == [40, 30, 5, 0, 16, 16]
 
 
 def test_sd3_can_drop_t5(tmp_path, family_paths):
@@ -153,8 +153,8 @@ def test_sd3_can_drop_t5(tmp_path, family_paths):
     args = make_config(tmp_path, family, drop_t5_text_encoder=True, max_steps=1)
     lora = LoraConfig(r=4, lora_alpha=4, target_modules=family.lora_targets)
     trainer = PolyDPOTrainer(family_paths["sd3"], args, pickapic_dataset(2), peft_config=lora)
-    assert trainer.adapter.pipeline.text_encoder_3 is None
-    assert "text_encoder_3" not in trainer.adapter.frozen_modules
+    assert trainer.family.pipeline.text_encoder_3 is None
+    assert "text_encoder_3" not in trainer.family.frozen_modules
     trainer.train()
     assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
 
@@ -182,9 +182,9 @@ def test_beta_defaults_to_the_family_recommendation(tmp_path, family_paths, name
     family = BY_NAME[name]
     args = make_config(tmp_path, family, beta=None)
     trainer = PolyDPOTrainer(family_paths[name], args, family.dataset(2))
-    assert trainer.args.beta == beta
+    assert trainer.beta == beta and trainer.args.beta is None  # resolved on the trainer, the config left as given
     explicit = PolyDPOTrainer(family_paths[name], make_config(tmp_path, family, beta=42.0), family.dataset(2))
-    assert explicit.args.beta == 42.0
+    assert explicit.beta == explicit.args.beta == 42.0
 
 
 @pytest.mark.parametrize("name", [f.name for f in FAMILIES])

@@ -46,15 +46,15 @@ def test_registry_lists_builtin_losses():
 
 def test_diffusion_dpo_by_hand():
     expected = sum(-math.log(sigmoid(z)) for z in logits_by_hand()) / 2
-    out = get_loss("diffusion_dpo").fn(ERRORS, CFG)
+    out = get_loss("diffusion_dpo")(ERRORS, CFG)
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
-    assert get_loss("dpo").fn(ERRORS, CFG).loss.item() == pytest.approx(expected, rel=1e-6)
+    assert get_loss("dpo")(ERRORS, CFG).loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_poly_dpo_by_hand():
     a = CFG.poly_alpha
     expected = sum(-math.log(sigmoid(z)) + a * (1 - sigmoid(z)) for z in logits_by_hand()) / 2
-    out = get_loss("poly_dpo").fn(ERRORS, CFG)
+    out = get_loss("poly_dpo")(ERRORS, CFG)
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
     # The factor on Diffusion-DPO's gradient, 1 + alpha p, averaged over the pairs: logits 0.4 and -0.2.
     assert out.metrics["poly_dpo/grad_scale"].item() == pytest.approx(1 + a * (sigmoid(0.4) + sigmoid(-0.2)) / 2)
@@ -65,8 +65,8 @@ def test_poly_dpo_with_alpha_zero_equals_diffusion_dpo_exactly():
     torch.manual_seed(0)
     errors = DenoisingErrors(*(torch.rand(16) for _ in range(4)))
     cfg = SimpleNamespace(beta=5000.0, poly_alpha=0.0)
-    poly = get_loss("poly_dpo").fn(errors, cfg).loss
-    dpo = get_loss("diffusion_dpo").fn(errors, cfg).loss
+    poly = get_loss("poly_dpo")(errors, cfg).loss
+    dpo = get_loss("diffusion_dpo")(errors, cfg).loss
     assert torch.equal(poly, dpo)
 
 
@@ -76,7 +76,7 @@ def test_poly_dpo_gradient_matches_closed_form(alpha):
     pc = torch.rand(6, dtype=torch.float64, requires_grad=True)
     pr, rc, rr = (torch.rand(6, dtype=torch.float64) for _ in range(3))
     cfg = SimpleNamespace(beta=3.0, poly_alpha=alpha)
-    get_loss("poly_dpo").fn(DenoisingErrors(pc, pr, rc, rr), cfg).loss.backward()
+    get_loss("poly_dpo")(DenoisingErrors(pc, pr, rc, rr), cfg).loss.backward()
 
     logits = -0.5 * cfg.beta * ((pc.detach() - pr) - (rc - rr))
     p = torch.sigmoid(logits)
@@ -96,7 +96,7 @@ def test_mapo_by_hand():
     ratio = [math.log(sigmoid(scale * (score(c) - r_))) for c, r_ in zip(pcs, [score(x) for x in prs])]
     expected = sum(pcs) / 2 - CFG.mapo_beta * sum(ratio) / 2
     errors = DenoisingErrors(ERRORS.policy_chosen, ERRORS.policy_rejected)  # reference-free
-    assert get_loss("mapo").fn(errors, CFG).loss.item() == pytest.approx(expected, rel=1e-5)
+    assert get_loss("mapo")(errors, CFG).loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_kto_by_hand():
@@ -106,7 +106,7 @@ def test_kto_by_hand():
     z = max(0.0, sum(r_w + r_l) / 4)
     terms = [1 - sigmoid(r - z) for r in r_w] + [1 - sigmoid(z - r) for r in r_l]
     expected = sum(terms) / 4
-    assert get_loss("kto").fn(ERRORS, CFG).loss.item() == pytest.approx(expected, rel=1e-6)
+    assert get_loss("kto")(ERRORS, CFG).loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_kto_reference_point_is_clamped_at_zero_and_weighted():
@@ -114,12 +114,57 @@ def test_kto_reference_point_is_clamped_at_zero_and_weighted():
     errors = DenoisingErrors(torch.tensor([0.9]), torch.tensor([0.9]), torch.tensor([0.1]), torch.tensor([0.1]))
     r = -0.5 * 2.0 * 0.8  # both rewards -0.8, mean < 0 -> z = 0
     expected = (2.0 * (1 - sigmoid(r)) + 0.5 * (1 - sigmoid(-r))) / 2
-    assert get_loss("kto").fn(errors, cfg).loss.item() == pytest.approx(expected, rel=1e-6)
+    assert get_loss("kto")(errors, cfg).loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sft_uses_chosen_only():
-    out = get_loss("sft").fn(DenoisingErrors(torch.tensor([0.2, 0.4]), torch.tensor([9.0, 9.0])), CFG)
+    out = get_loss("sft")(DenoisingErrors(torch.tensor([0.2, 0.4]), torch.tensor([9.0, 9.0])), CFG)
     assert out.loss.item() == pytest.approx(0.3)
+
+
+def test_hinge_and_ipo_match_the_diffusers_dpo_example():
+    # diffusers' example: logits_ex = ref_diff - model_diff (diff = e_w - e_l); hinge relu(1 - beta_dpo * logits_ex),
+    # ipo (logits_ex - 1 / (2 * beta_dpo))^2, with beta_dpo = beta / 2 = 1 here.
+    beta_dpo = CFG.beta / 2
+    ref_diff = ERRORS.ref_chosen - ERRORS.ref_rejected
+    logits_ex = ref_diff - (ERRORS.policy_chosen - ERRORS.policy_rejected)  # [0.4, -0.2]
+    hinge_example = torch.relu(1 - beta_dpo * logits_ex).mean().item()
+    ipo_example = ((logits_ex - 1 / (2 * beta_dpo)) ** 2).mean().item()
+    assert get_loss("hinge")(ERRORS, CFG).loss.item() == pytest.approx(hinge_example, rel=1e-6)
+    assert get_loss("ipo")(ERRORS, CFG).loss.item() == pytest.approx(ipo_example, rel=1e-6)
+    # By hand: hinge (0.6 + 1.2) / 2; ipo ((0.4 - 0.5)^2 + (-0.2 - 0.5)^2) / 2.
+    assert hinge_example == pytest.approx(0.9) and ipo_example == pytest.approx(0.25)
+    assert get_loss("hinge").needs_reference and get_loss("ipo").needs_reference
+
+
+def test_a_loss_declares_its_own_parameters():
+    from dataclasses import dataclass
+
+    from vipo_trl import PolyDPOConfig
+
+    @dataclass
+    class MarginParams:
+        margin: float = 1.0
+
+    @register_loss("test_margin_hinge", needs_reference=True, params=MarginParams)
+    def margin_hinge(errors, config, params):
+        logits = -0.5 * config.beta * ((errors.policy_chosen - errors.policy_rejected)
+                                       - (errors.ref_chosen - errors.ref_rejected))
+        return LossOutput(loss=torch.relu(params.margin - logits).mean())
+
+    spec = get_loss("test_margin_hinge")
+    assert spec(ERRORS, CFG).loss.item() == pytest.approx((0.6 + 1.2) / 2)  # default margin 1
+    cfg = SimpleNamespace(beta=2.0, loss_params={"test_margin_hinge": {"margin": 2.0}})
+    assert spec(ERRORS, cfg).loss.item() == pytest.approx((1.6 + 2.2) / 2)
+    config = PolyDPOConfig(output_dir="unused", report_to=[], loss_type="test_margin_hinge",
+                           loss_params='{"test_margin_hinge": {"margin": 3.0}}')  # a JSON string, as on the CLI
+    assert config.loss_params == {"test_margin_hinge": {"margin": 3.0}}
+    with pytest.raises(ValueError, match="no parameter 'margn'.*Did you mean 'margin'"):
+        PolyDPOConfig(output_dir="unused", report_to=[], loss_type="test_margin_hinge",
+                      loss_params={"test_margin_hinge": {"margn": 3.0}})
+    with pytest.raises(ValueError, match="loss_params names 'poly_dpo', which is not in loss_type"):
+        PolyDPOConfig(output_dir="unused", report_to=[], loss_type="test_margin_hinge",
+                      loss_params={"poly_dpo": {"x": 1}})
 
 
 def test_user_registered_loss_and_duplicate_name():
@@ -128,6 +173,6 @@ def test_user_registered_loss_and_duplicate_name():
         return LossOutput(loss=torch.relu(1 + errors.policy_chosen - errors.policy_rejected).mean())
 
     assert "test_hinge" in available_losses()
-    assert get_loss("test_hinge").fn(ERRORS, CFG).loss.item() == pytest.approx((0.6 + 1.2) / 2)
+    assert get_loss("test_hinge")(ERRORS, CFG).loss.item() == pytest.approx((0.6 + 1.2) / 2)
     with pytest.raises(ValueError, match="already registered"):
         register_loss("test_hinge", needs_reference=False)(hinge)

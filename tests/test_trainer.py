@@ -67,13 +67,13 @@ def test_lora_run_changes_only_lora_weights_and_reference_is_the_base(tmp_path, 
     base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
     batch = one_batch(trainer)
     gens = trainer._pair_generators(batch["row_index"], salt=0)
-    latents = trainer.adapter.encode_images(batch["pixel_values_chosen"], gens)
-    cond = trainer.adapter.encode_conditioning(batch)
+    latents = trainer.family.encode_images(batch["pixel_values_chosen"], gens)
+    cond = trainer.family.encode_conditioning(batch)
     t = torch.tensor([10, 500])
     with torch.no_grad():
         ref = trainer._reference_prediction(unet, latents, t, cond)
         expected = base(latents, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
-        policy = trainer.adapter.predict(unet, latents, t, cond, torch.float32)
+        policy = trainer.family.predict(unet, latents, t, cond, torch.float32)
     torch.testing.assert_close(ref, expected)
     assert not torch.allclose(policy, expected)
 
@@ -166,7 +166,7 @@ def test_combined_losses_are_the_weighted_sum(tmp_path, tiny_sd_path):
     torch.testing.assert_close(loss.detach(), metrics["loss/poly_dpo"] + 0.1 * metrics["loss/sft"])
     errors = trainer.denoising_errors(trainer.model, batch, salt=0)
     torch.testing.assert_close(metrics["loss/sft"], errors.policy_chosen.mean().detach())
-    chosen, rejected = implicit_rewards(errors, trainer.args.beta)
+    chosen, rejected = implicit_rewards(errors, trainer.beta)
     torch.testing.assert_close(metrics["rewards/margins"], (chosen - rejected).mean().detach())
 
 
@@ -189,10 +189,10 @@ def test_pair_noise_depends_on_the_row_not_the_batch(tmp_path, tiny_sd_path):
 
 def test_v_prediction_target_is_the_velocity(tmp_path, tiny_sd_v_path):
     trainer = PolyDPOTrainer(tiny_sd_v_path, config(tmp_path), pickapic_dataset(4), peft_config=lora())
-    adapter = trainer.adapter
+    family = trainer.family
     latents, noise, t = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([100, 900])
-    _, target = adapter.noisy_input_and_target(latents, noise, t)
-    a = adapter.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    _, target = family.noisy_input_and_target(latents, noise, t)
+    a = family.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(target, a.sqrt() * noise - (1 - a).sqrt() * latents)
     trainer.train()
     assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
@@ -211,12 +211,33 @@ def test_eight_bit_adamw(tmp_path, tiny_sd_path):
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
-def test_gradient_checkpointing_switch(tmp_path, tiny_sd_path):
-    trainer = PolyDPOTrainer(
-        tiny_sd_path, config(tmp_path, gradient_checkpointing=True), pickapic_dataset(4), peft_config=lora()
-    )
-    assert trainer.model.is_gradient_checkpointing
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tmp_path, tiny_sd_path):
+    """Checkpointing recomputes activations; the LoRA gradients must be those of a run without it (the classic bug:
+    checkpointed blocks whose inputs need no grad leave the LoRA weights inside them with zero gradient)."""
+
+    def lora_grads(checkpointing):
+        args = config(tmp_path, gradient_checkpointing=checkpointing)
+        trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=lora())
+        assert trainer.model.is_gradient_checkpointing == checkpointing
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, one_batch(trainer)).backward()
+        lora_params = [(n, p) for n, p in trainer.model.named_parameters() if "lora" in n]
+        return trainer, {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in lora_params}
+
+    _, plain = lora_grads(False)
+    trainer, checkpointed = lora_grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    # B starts at zero, so at step 0 only the B matrices have a gradient; every one of them must.
+    assert all(g.abs().sum() > 0 for n, g in plain.items() if "lora_B" in n)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-7, msg=name)
+    # The saved config says what ran: checkpointing on (the trainer no longer switches the field off).
+    trainer.args.max_steps = 1
     trainer.train()
+    trainer.save_model()
+    saved = json.loads((tmp_path / "out" / "poly_dpo_config.json").read_text())
+    assert saved["gradient_checkpointing"] is True and saved["activation_checkpointing"] is True
+    assert saved["beta"] is None and saved["beta_resolved"] == 2000.0
 
 
 def test_evaluation_reports_prefixed_metrics(tmp_path, tiny_sd_path):
@@ -348,8 +369,8 @@ def test_bf16_mixed_precision_lora_keeps_trainable_weights_in_float32(tmp_path, 
     trainable = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
-    assert trainer.adapter.pipeline.text_encoder.dtype == torch.bfloat16
-    assert trainer.adapter.vae.dtype == torch.float32
+    assert trainer.family.pipeline.text_encoder.dtype == torch.bfloat16
+    assert trainer.family.vae.dtype == torch.float32
     trainer.train()
     assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
@@ -398,7 +419,7 @@ def test_a_save_that_fails_halfway_leaves_the_previous_save_whole(tmp_path, tiny
             f.write(b"half a file")
         raise KeyboardInterrupt
 
-    trainer.adapter.save_lora = dying_save_lora
+    trainer.family.save_lora = dying_save_lora
     with pytest.raises(KeyboardInterrupt):
         trainer.save_model()
     after = load_file(weights)  # still the previous save, whole

@@ -1,11 +1,51 @@
-"""Small helpers shared by the data pipeline and the trainer."""
+"""Small helpers shared across the package: stable seeds, "did you mean" hints and name registries."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 def stable_seed(*parts: int | str) -> int:
     """A 63-bit seed that depends only on `parts` (not on the process, the rank or Python's hash salt)."""
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`" Did you mean 'x'?"` for the closest of `choices` to a mistyped `name`, or `""` when none is close."""
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class Registry(Generic[T]):
+    """Names -> objects (losses, scorers, model families), with one error for an unknown or duplicate name."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, item: T, override: bool = False) -> T:
+        if name in self._items and not override:
+            raise ValueError(f"A {self.kind} named {name!r} is already registered; pass override=True to replace it.")
+        self._items[name] = item
+        return item
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise ValueError(
+                f"Unknown {self.kind} {name!r}.{did_you_mean(str(name), self._items)} "
+                f"Available: {', '.join(self.names())}."
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items

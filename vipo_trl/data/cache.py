@@ -52,14 +52,14 @@ def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def cache_settings(args: Any, adapter: Any, model_name: str | None) -> dict[str, Any]:
+def cache_settings(args: Any, family: Any, model_name: str | None) -> dict[str, Any]:
     """What a cache depends on; a cache is reused (or resumed) only when all of it matches."""
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "model": model_name,
         "revision": args.revision,
         "variant": args.variant,
-        "pipeline": adapter.pipeline_class.__name__,
+        "pipeline": family.pipeline_class.__name__,
         "resolution": args.resolution,
         "center_crop": args.center_crop,
         "random_flip": args.random_flip,
@@ -86,28 +86,28 @@ def build_latent_cache(
 ) -> str:
     """Encode every pair of `dataset` once and write a latent cache to `output_dir`; returns the folder.
 
-    `model` is a hub id or local pipeline folder (or a loaded `DiffusionAdapter`), `dataset` a `datasets.Dataset` or
+    `model` is a hub id or local pipeline folder (or a loaded `DiffusionFamily`), `dataset` a `datasets.Dataset` or
     a streaming `IterableDataset` in either preference schema, `args` a `PolyDPOConfig` (resolution, crop, flip,
     columns, seed, model loading options). Shards are written atomically and the manifest after each one, so an
     interrupted run resumes where it stopped when called again with the same arguments.
     """
-    from ..models import DiffusionAdapter, load_adapter
+    from ..models import DiffusionFamily, load_family
     from ..trainer import PolyDPOConfig
 
     args = args or PolyDPOConfig(output_dir=str(output_dir), report_to=[])
     os.makedirs(output_dir, exist_ok=True)
-    if isinstance(model, DiffusionAdapter):
-        adapter, model_name = model, getattr(model, "name_or_path", None)
+    if isinstance(model, DiffusionFamily):
+        family, model_name = model, getattr(model, "name_or_path", None)
     else:
         frozen = getattr(torch, args.frozen_dtype_name)
-        adapter = load_adapter(
+        family = load_family(
             model, revision=args.revision, variant=args.variant, frozen_dtype=frozen, options=args.diffusion_options()
         )
         model_name = str(model)
     device = torch.device(device) if device is not None else (args.device if torch.cuda.is_available() else "cpu")
-    adapter.to(device)
+    family.to(device)
 
-    settings = cache_settings(args, adapter, model_name)
+    settings = cache_settings(args, family, model_name)
     manifest_path = os.path.join(output_dir, MANIFEST_NAME)
     manifest: dict[str, Any] = {"settings": settings, "shards": [], "num_pairs": 0, "skipped": {}, "complete": False}
     if os.path.isfile(manifest_path):
@@ -122,7 +122,7 @@ def build_latent_cache(
             return str(output_dir)
         manifest = previous
 
-    pairs = pairs_from_config(dataset, args, adapter.bucket_divisibility)
+    pairs = pairs_from_config(dataset, args, family.bucket_divisibility)
     collate = PreferenceCollator(args.resolution, args.center_crop, args.random_flip)
     cache_dtype = getattr(torch, args.cache_dtype)
     skipped = Counter(manifest["skipped"])
@@ -149,7 +149,7 @@ def build_latent_cache(
             batch = collate(shard_items[start_ : start_ + batch_size])
             for reason, n in Counter(reason for _, reason in batch["skipped"]).items():
                 skipped[reason] += n
-            encoded = encode_for_cache(adapter, batch, cache_dtype)
+            encoded = encode_for_cache(family, batch, cache_dtype)
             for key, value in encoded.items():
                 tensors.setdefault(key, []).append(value)
             categories += batch["categories"]
@@ -192,15 +192,15 @@ def build_latent_cache(
 
 
 @torch.no_grad()
-def encode_for_cache(adapter: Any, batch: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def encode_for_cache(family: Any, batch: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The per-pair tensors a cache shard stores for one collated batch."""
     # Chosen and rejected go through the VAE together, as in a training step on raw pairs.
-    mean, std = adapter.encode_latent_distribution(
+    mean, std = family.encode_latent_distribution(
         torch.cat([batch["pixel_values_chosen"], batch["pixel_values_rejected"]])
     )
     (mean_c, mean_r), (std_c, std_r) = mean.chunk(2), std.chunk(2)
     out = dict(zip(LATENT_KEYS, (mean_c, std_c, mean_r, std_r)))
-    out.update({f"cond.{k}": v for k, v in adapter.encode_conditioning(batch).items()})
+    out.update({f"cond.{k}": v for k, v in family.encode_conditioning(batch).items()})
     out = {k: v.detach().to("cpu", dtype) for k, v in out.items()}
     out["row_index"] = torch.tensor(batch["row_index"], dtype=torch.int64)
     return out

@@ -258,7 +258,7 @@ class RewardEvalCallback(TrainerCallback):
         num_inference_steps: int = 20,
         guidance_scale: float = 7.5,
     ):
-        pipe = trainer.adapter.pipeline
+        pipe = trainer.family.pipeline
         if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "vae", None) is None:
             raise ValueError("RewardEvalCallback needs the pipeline's encoders; a latent-cache run does not load them.")
         self.trainer = trainer
@@ -270,11 +270,11 @@ class RewardEvalCallback(TrainerCallback):
         self.start_scores: dict[str, list[float]] | None = None
 
     def _scores(self) -> dict[str, list[float]]:
-        denoiser = self.trainer.adapter.denoiser
+        denoiser = self.trainer.family.denoiser
         was_training = denoiser.training
         denoiser.eval()
         try:
-            images = generate_images(self.trainer.adapter.pipeline, self.prompts, self.seeds, **self.generate)
+            images = generate_images(self.trainer.family.pipeline, self.prompts, self.seeds, **self.generate)
         finally:
             denoiser.train(was_training)
         return score_all(self.scorers, images, self.prompts)

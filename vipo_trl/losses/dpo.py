@@ -68,3 +68,25 @@ def poly_dpo_loss(errors: DenoisingErrors, config: Any) -> LossOutput:
     return LossOutput(
         loss=per_pair.mean(), metrics={"poly_dpo/p_mean": p.detach().mean(), "poly_dpo/grad_scale": grad_scale.mean()}
     )
+
+
+@register_loss("hinge", needs_reference=True)
+def hinge_loss(errors: DenoisingErrors, config: Any) -> LossOutput:
+    """Hinge (SLiC-style) preference loss: `mean(relu(1 - logits))`.
+
+    diffusers' Diffusion-DPO example (`--loss_type hinge`) writes `relu(1 - beta_dpo * (ref_diff - model_diff))`;
+    with `beta = 2 * beta_dpo` that is exactly `relu(1 - logits)` in this library's convention.
+    """
+    return LossOutput(loss=torch.relu(1.0 - preference_logits(errors, config.beta)).mean())
+
+
+@register_loss("ipo", needs_reference=True)
+def ipo_loss(errors: DenoisingErrors, config: Any) -> LossOutput:
+    """IPO (Azar et al., 2023) as diffusers' Diffusion-DPO example has it (`--loss_type ipo`):
+    `mean((h - 1 / (2 * beta_dpo))^2)` with `h = (e_ref_w - e_ref_l) - (e_w - e_l)`, the raw (unscaled) difference
+    of error gaps. With `beta = 2 * beta_dpo` here, the target is `1 / beta`.
+    """
+    if not errors.has_reference:
+        raise ValueError("ipo needs the reference model's errors (ref_chosen, ref_rejected).")
+    h = (errors.ref_chosen - errors.ref_rejected) - (errors.policy_chosen - errors.policy_rejected)
+    return LossOutput(loss=(h - 1.0 / config.beta).pow(2).mean())

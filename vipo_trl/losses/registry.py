@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 import torch
+
+from ..utils import Registry, did_you_mean
 
 __all__ = [
     "DenoisingErrors",
@@ -48,58 +50,93 @@ class LossOutput:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-LossFn = Callable[[DenoisingErrors, Any], LossOutput]
+LossFn = Callable[..., LossOutput]
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A registered loss: its function and whether it reads the reference model's errors."""
+    """A registered loss: call it as `spec(errors, config) -> LossOutput`.
+
+    `needs_reference` says whether it reads the reference model's errors. `params`, when set, is a dataclass of the
+    loss's own parameters: their values come from `config.loss_params[name]` (defaults where not given) and reach
+    the function as a third argument, so a new loss needs no new config field.
+    """
 
     name: str
     fn: LossFn
     needs_reference: bool
+    params: type | None = None
+
+    def __call__(self, errors: DenoisingErrors, config: Any) -> LossOutput:
+        if self.params is None:
+            return self.fn(errors, config)
+        return self.fn(errors, config, self.resolve_params(getattr(config, "loss_params", None)))
+
+    def resolve_params(self, loss_params: dict[str, dict[str, Any]] | None) -> Any:
+        """This loss's parameter dataclass filled from `loss_params[name]`; an unknown key is an error naming it."""
+        given = dict((loss_params or {}).get(self.name) or {})
+        if self.params is None:
+            if given:
+                raise ValueError(f"loss_params[{self.name!r}]={given}: the loss {self.name!r} takes no parameters.")
+            return None
+        valid = {f.name for f in fields(self.params)}
+        for key in given:
+            if key not in valid:
+                raise ValueError(
+                    f"loss_params[{self.name!r}] has no parameter {key!r}.{did_you_mean(key, valid)} "
+                    f"{self.name} takes: {', '.join(sorted(valid)) or 'none'}."
+                )
+        return self.params(**given)
 
 
-_REGISTRY: dict[str, LossSpec] = {}
+_REGISTRY: Registry[LossSpec] = Registry("loss")
 
 
-def register_loss(name: str, *, needs_reference: bool, override: bool = False) -> Callable[[LossFn], LossFn]:
+def register_loss(
+    name: str, *, needs_reference: bool, params: type | None = None, override: bool = False
+) -> Callable[[LossFn], LossFn]:
     """Register a preference loss under `name`; use as a decorator.
 
     ```python
-    from vipo_trl.losses import LossOutput, register_loss
+    from dataclasses import dataclass
 
-    @register_loss("hinge_dpo", needs_reference=True)
-    def hinge_dpo(errors, config):
-        logits = -0.5 * config.beta * ((errors.policy_chosen - errors.policy_rejected)
-                                       - (errors.ref_chosen - errors.ref_rejected))
-        return LossOutput(loss=torch.relu(1 - logits).mean())
+    from vipo_trl.losses import LossOutput, preference_logits, register_loss
+
+    @dataclass
+    class HingeParams:
+        margin: float = 1.0
+
+    @register_loss("my_hinge", needs_reference=True, params=HingeParams)
+    def my_hinge(errors, config, params):
+        return LossOutput(loss=torch.relu(params.margin - preference_logits(errors, config.beta)).mean())
+
+    PolyDPOConfig(..., loss_type="my_hinge", loss_params={"my_hinge": {"margin": 2.0}})
     ```
 
     Args:
         name: the value users put in `PolyDPOConfig.loss_type`.
         needs_reference: whether the loss reads `errors.ref_chosen`/`errors.ref_rejected`. A loss registered
             with `False` gets `None` there, and the trainer makes no reference forward for it.
+        params: a dataclass of the loss's own parameters (see `LossSpec`); the function then takes
+            `(errors, config, params)`.
         override: replace an existing loss of the same name instead of raising.
     """
+    if params is not None and not is_dataclass(params):
+        raise TypeError(f"register_loss({name!r}, params=...) needs a dataclass type, got {params!r}.")
 
     def decorator(fn: LossFn) -> LossFn:
-        if name in _REGISTRY and not override:
-            raise ValueError(f"A loss named {name!r} is already registered; pass override=True to replace it.")
-        _REGISTRY[name] = LossSpec(name=name, fn=fn, needs_reference=needs_reference)
+        _REGISTRY.register(name, LossSpec(name, fn, needs_reference, params), override=override)
         return fn
 
     return decorator
 
 
 def get_loss(name: str) -> LossSpec:
-    """Return the registered loss `name`, or raise a `ValueError` listing the available ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"Unknown loss {name!r}. Available losses: {', '.join(available_losses())}.") from None
+    """The registered loss `name`, callable as `get_loss(name)(errors, config) -> LossOutput`; an unknown name raises
+    a `ValueError` with the closest name and the list."""
+    return _REGISTRY.get(name)
 
 
 def available_losses() -> list[str]:
     """Names of every registered loss, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()

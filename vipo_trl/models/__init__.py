@@ -1,23 +1,24 @@
-"""Model adapters, one module per family, and the lookup from `model_index.json` to an adapter."""
+"""Model families, one module each, and the lookup from `model_index.json` to a family."""
 
-from .base import DiffusionAdapter, DiffusionOptions
-from .flux import FluxAdapter
-from .registry import adapter_for_pipeline, load_adapter, register_adapter, supported_pipelines
-from .stable_diffusion import StableDiffusionAdapter
-from .stable_diffusion_3 import StableDiffusion3Adapter
-from .stable_diffusion_xl import StableDiffusionXLAdapter
-from .wan import WanAdapter
+from .base import DiffusionFamily, DiffusionOptions
+from .flux import FluxFamily
+from .registry import family_for_pipeline, family_from_pipeline, load_family, register_family, supported_pipelines
+from .stable_diffusion import StableDiffusionFamily
+from .stable_diffusion_3 import StableDiffusion3Family
+from .stable_diffusion_xl import StableDiffusionXLFamily
+from .wan import WanFamily
 
 __all__ = [
-    "DiffusionAdapter",
+    "DiffusionFamily",
     "DiffusionOptions",
-    "FluxAdapter",
-    "StableDiffusion3Adapter",
-    "StableDiffusionAdapter",
-    "StableDiffusionXLAdapter",
-    "WanAdapter",
-    "adapter_for_pipeline",
-    "load_adapter",
-    "register_adapter",
+    "FluxFamily",
+    "StableDiffusion3Family",
+    "StableDiffusionFamily",
+    "StableDiffusionXLFamily",
+    "WanFamily",
+    "family_for_pipeline",
+    "family_from_pipeline",
+    "load_family",
+    "register_family",
     "supported_pipelines",
 ]

@@ -1,4 +1,4 @@
-"""The adapter interface: what the trainer needs to know about one model family."""
+"""`DiffusionFamily`: what the trainer needs to know about one model family."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 @dataclass
 class DiffusionOptions:
-    """Training-time choices an adapter reads; `PolyDPOConfig` fills them (see its docstring)."""
+    """Training-time choices a family reads; `PolyDPOConfig` fills them (see its docstring)."""
 
     timestep_sampling: str | None = None  # None: the family's default
     logit_mean: float = 0.0
@@ -32,20 +32,20 @@ class DiffusionOptions:
     max_sequence_length: int | None = None  # None: the pipeline's default
 
 
-class DiffusionAdapter(ABC):
+class DiffusionFamily(ABC):
     """One model family (SD 1.x/2.x, SDXL, SD3, FLUX, Wan) seen through the few operations preference training needs.
 
-    An adapter wraps the family's official diffusers pipeline: it keeps the frozen parts (VAE, text encoders), the
+    A family wraps its official diffusers pipeline: it keeps the frozen parts (VAE, text encoders), the
     trainable `denoiser` (UNet or transformer) and a training noise scheduler. The trainer never branches on the
     family: it encodes with `encode_images`/`encode_conditioning`, noises with `sample_timesteps` and
     `noisy_input_and_target`, and predicts with `predict`. Prompts are encoded with the pipeline's own
-    `encode_prompt`, so training sees exactly the conditioning that inference builds. Adapters register themselves
-    for the `_class_name` values of `model_index.json` they handle (`vipo_trl.models.register_adapter`).
+    `encode_prompt`, so training sees exactly the conditioning that inference builds. Families register themselves
+    for the `_class_name` values of `model_index.json` they handle (`vipo_trl.models.register_family`).
     """
 
     #: The official pipeline class, used to load the model and to save/load LoRA weights.
     pipeline_class: ClassVar[type[DiffusionPipeline]]
-    #: `model_index.json` `_class_name` values this adapter handles.
+    #: `model_index.json` `_class_name` values this family handles.
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
     #: Attribute of the pipeline holding the trainable network ("unet" or "transformer").
     denoiser_name: ClassVar[str] = "unet"
@@ -68,7 +68,7 @@ class DiffusionAdapter(ABC):
         self.pipeline = pipeline
         self.options = options or DiffusionOptions()
         self.denoiser: nn.Module = getattr(pipeline, self.denoiser_name)
-        # Kept apart from the VAE so a cache-only adapter (no VAE loaded) still scales latents correctly.
+        # Kept apart from the VAE so a cache-only family (no VAE loaded) still scales latents correctly.
         self.vae_config = vae_config if vae_config is not None else pipeline.vae.config
         for module in self.frozen_modules.values():
             module.requires_grad_(False).eval()
@@ -87,13 +87,20 @@ class DiffusionAdapter(ABC):
         frozen_dtype: torch.dtype = torch.float32,
         options: DiffusionOptions | None = None,
         encoders: bool = True,
-    ) -> DiffusionAdapter:
+        quantization_config: Any = None,
+    ) -> DiffusionFamily:
         """Load the official pipeline from a hub id or local folder: the denoiser in float32 (trainable), the VAE in
         float32 (the SD VAEs overflow in half precision), everything else in `frozen_dtype`. With `encoders=False`
-        (training from a latent cache) the VAE, text encoders and tokenizers are not loaded at all."""
+        (training from a latent cache) the VAE, text encoders and tokenizers are not loaded at all. With
+        `quantization_config` (a diffusers or transformers `BitsAndBytesConfig`) the denoiser is loaded quantized,
+        computing in `frozen_dtype` (QLoRA)."""
         options = options or DiffusionOptions()
         dtype = {"default": frozen_dtype, cls.denoiser_name: torch.float32, "vae": torch.float32}
         kwargs = cls.pipeline_load_kwargs(options)
+        if quantization_config is not None:
+            kwargs[cls.denoiser_name] = cls.load_quantized_denoiser(
+                name_or_path, quantization_config, revision=revision, variant=variant, dtype=frozen_dtype
+            )
         vae_config = None
         if not encoders:
             kwargs.update({name: None for name in (*cls.frozen_component_names, *cls.tokenizer_names)})
@@ -103,9 +110,35 @@ class DiffusionAdapter(ABC):
         pipeline = cls.pipeline_class.from_pretrained(
             name_or_path, revision=revision, variant=variant, dtype=dtype, **kwargs
         )
-        adapter = cls(pipeline, options, vae_config=vae_config)
-        adapter.name_or_path = str(name_or_path)
-        return adapter
+        family = cls(pipeline, options, vae_config=vae_config)
+        family.name_or_path = str(name_or_path)
+        return family
+
+    @classmethod
+    def load_quantized_denoiser(
+        cls, name_or_path: str, quantization_config: Any, *, revision: str | None, variant: str | None, dtype: Any
+    ) -> nn.Module:
+        """The denoiser alone, loaded in 4 or 8 bits through diffusers' bitsandbytes quantizer."""
+        from diffusers import BitsAndBytesConfig
+
+        if not isinstance(quantization_config, BitsAndBytesConfig):  # e.g. trl.get_quantization_config's
+            settings = {k: v for k, v in quantization_config.to_dict().items() if not k.startswith("_")}
+            settings.pop("quant_method", None)
+            quantization_config = BitsAndBytesConfig(**settings)
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "quantization_config (QLoRA) needs a CUDA GPU: diffusers' bitsandbytes quantizer does not run on the "
+                "CPU. Train without quantization here, or on a GPU machine."
+            )
+        denoiser_class = cls.pipeline_class._get_signature_types()[cls.denoiser_name][0]
+        return denoiser_class.from_pretrained(
+            name_or_path,
+            subfolder=cls.denoiser_name,
+            revision=revision,
+            variant=variant,
+            quantization_config=quantization_config,
+            torch_dtype=dtype,
+        )
 
     @classmethod
     def pipeline_load_kwargs(cls, options: DiffusionOptions) -> dict[str, Any]:
@@ -121,10 +154,10 @@ class DiffusionAdapter(ABC):
     @property
     def vae(self) -> nn.Module:
         if self.pipeline.vae is None:
-            raise RuntimeError("This adapter was loaded for training from a latent cache, without its VAE.")
+            raise RuntimeError("This family was loaded for training from a latent cache, without its VAE.")
         return self.pipeline.vae
 
-    def to(self, device: torch.device | str) -> DiffusionAdapter:
+    def to(self, device: torch.device | str) -> DiffusionFamily:
         """Move the frozen networks to `device` (the Trainer places the denoiser)."""
         self.device = torch.device(device)
         for module in self.frozen_modules.values():
@@ -216,7 +249,7 @@ class DiffusionAdapter(ABC):
         )
 
     def load_lora(self, directory: str, denoiser: nn.Module) -> None:
-        """Load a LoRA written by `save_lora` into the denoiser's (already added) adapter."""
+        """Load a LoRA written by `save_lora` into the denoiser's (already added) LoRA adapter."""
         prefix = self.denoiser_name + "."
         state = load_file(os.path.join(directory, LORA_WEIGHT_NAME))
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
@@ -232,7 +265,7 @@ class DiffusionAdapter(ABC):
 
     def describe(self) -> dict[str, Any]:
         """A few facts for logs and model cards."""
-        return {"adapter": type(self).__name__, "pipeline": self.pipeline_class.__name__}
+        return {"family": type(self).__name__, "pipeline": self.pipeline_class.__name__}
 
 
 class FrozenConfig(dict):

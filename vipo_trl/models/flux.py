@@ -8,13 +8,13 @@ import torch
 from diffusers import FluxPipeline
 from torch import nn
 
-from .base import DiffusionAdapter, DiffusionOptions
+from .base import DiffusionFamily, DiffusionOptions
 from .objectives import FlowMatchingObjective
-from .registry import register_adapter
+from .registry import register_family
 
 
-@register_adapter
-class FluxAdapter(FlowMatchingObjective, DiffusionAdapter):
+@register_family
+class FluxFamily(FlowMatchingObjective, DiffusionFamily):
     """FLUX.1 [dev]/[schnell]: latents are packed into 2x2 patches with image position ids, as the pipeline does; a
     guidance-distilled transformer (`guidance_embeds=True`, FLUX.1-dev) gets `guidance_scale` as its guidance input.
     The prediction is unpacked back to the latent shape, so the error is the same mean over all latent elements."""

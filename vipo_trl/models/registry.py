@@ -1,30 +1,32 @@
-"""Lookup from a pipeline's `model_index.json` to the adapter of its family."""
+"""Lookup from a pipeline's `model_index.json` (or a loaded pipeline's class) to its model family."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .base import DiffusionAdapter, DiffusionOptions
+from .base import DiffusionFamily, DiffusionOptions
 
-_ADAPTERS: dict[str, type[DiffusionAdapter]] = {}
+_FAMILIES: dict[str, type[DiffusionFamily]] = {}
 
 
-def register_adapter(cls: type[DiffusionAdapter]) -> type[DiffusionAdapter]:
+def register_family(cls: type[DiffusionFamily]) -> type[DiffusionFamily]:
     """Class decorator: route the `model_index.json` class names in `cls.pipeline_class_names` to `cls`."""
     for name in cls.pipeline_class_names:
-        _ADAPTERS[name] = cls
+        _FAMILIES[name] = cls
     return cls
 
 
 def supported_pipelines() -> list[str]:
     """Pipeline class names that vipo-trl can train."""
-    return sorted(_ADAPTERS)
+    return sorted(_FAMILIES)
 
 
-def adapter_for_pipeline(pipeline_class_name: str) -> type[DiffusionAdapter]:
-    """The adapter class for a `model_index.json` `_class_name`, or a clear error."""
+def family_for_pipeline(pipeline_class_name: str) -> type[DiffusionFamily]:
+    """The family class for a `model_index.json` `_class_name`, or a clear error."""
     try:
-        return _ADAPTERS[pipeline_class_name]
+        return _FAMILIES[pipeline_class_name]
     except KeyError:
         raise ValueError(
             f"Unsupported model family: its model_index.json names the pipeline {pipeline_class_name!r}. "
@@ -32,7 +34,14 @@ def adapter_for_pipeline(pipeline_class_name: str) -> type[DiffusionAdapter]:
         ) from None
 
 
-def load_adapter(
+def family_from_pipeline(pipeline: Any, options: DiffusionOptions | None = None) -> DiffusionFamily:
+    """The family of an already loaded `DiffusionPipeline`, wrapping it as it is (components, dtypes, fused LoRAs)."""
+    family = family_for_pipeline(type(pipeline).__name__)(pipeline, options)
+    family.name_or_path = getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path") or None
+    return family
+
+
+def load_family(
     name_or_path: str,
     *,
     revision: str | None = None,
@@ -40,8 +49,9 @@ def load_adapter(
     frozen_dtype: torch.dtype = torch.float32,
     options: DiffusionOptions | None = None,
     encoders: bool = True,
-) -> DiffusionAdapter:
-    """Read `model_index.json` of a hub id or local diffusers folder and load the matching adapter."""
+    quantization_config: Any = None,
+) -> DiffusionFamily:
+    """Read `model_index.json` of a hub id or local diffusers folder and load the matching family."""
     from diffusers import DiffusionPipeline
 
     try:
@@ -51,7 +61,13 @@ def load_adapter(
             f"Cannot read model_index.json of model {name_or_path!r}: {exc}. Pass a diffusers pipeline folder or a "
             "hub id of one (with `revision` if it is not on the main branch)."
         ) from exc
-    cls = adapter_for_pipeline(index.get("_class_name", "<missing _class_name>"))
+    cls = family_for_pipeline(index.get("_class_name", "<missing _class_name>"))
     return cls.from_pretrained(
-        name_or_path, revision=revision, variant=variant, frozen_dtype=frozen_dtype, options=options, encoders=encoders
+        name_or_path,
+        revision=revision,
+        variant=variant,
+        frozen_dtype=frozen_dtype,
+        options=options,
+        encoders=encoders,
+        quantization_config=quantization_config,
     )

@@ -9,13 +9,13 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from torch import nn
 
-from .base import DiffusionAdapter, DiffusionOptions
+from .base import DiffusionFamily, DiffusionOptions
 from .objectives import DDPMObjective
-from .registry import register_adapter
+from .registry import register_family
 
 
-@register_adapter
-class StableDiffusionAdapter(DDPMObjective, DiffusionAdapter):
+@register_family
+class StableDiffusionFamily(DDPMObjective, DiffusionFamily):
     """SD 1.x and 2.x: DDPM noising of VAE latents scaled by `scaling_factor`; the target follows the scheduler's
     `prediction_type` (SD 2.x 768px checkpoints use `v_prediction`)."""
 

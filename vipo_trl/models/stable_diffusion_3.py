@@ -8,13 +8,13 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from torch import nn
 
-from .base import DiffusionAdapter, DiffusionOptions
+from .base import DiffusionFamily, DiffusionOptions
 from .objectives import FlowMatchingObjective
-from .registry import register_adapter
+from .registry import register_family
 
 
-@register_adapter
-class StableDiffusion3Adapter(FlowMatchingObjective, DiffusionAdapter):
+@register_family
+class StableDiffusion3Family(FlowMatchingObjective, DiffusionFamily):
     """SD3 and SD3.5: flow matching on VAE latents `(z - shift_factor) * scaling_factor`; the transformer reads the
     joint CLIP/T5 sequence and the pooled CLIP embeddings. With `drop_t5_text_encoder=True` T5 is not loaded and its
     part of the sequence is zeros, exactly as `StableDiffusion3Pipeline(text_encoder_3=None)` does at inference."""

@@ -10,13 +10,13 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from torch import nn
 
-from .base import DiffusionAdapter, DiffusionOptions
+from .base import DiffusionFamily, DiffusionOptions
 from .objectives import DDPMObjective
-from .registry import register_adapter
+from .registry import register_family
 
 
-@register_adapter
-class StableDiffusionXLAdapter(DDPMObjective, DiffusionAdapter):
+@register_family
+class StableDiffusionXLFamily(DDPMObjective, DiffusionFamily):
     """SDXL base: DDPM noising like SD 1.x; the UNet also reads the pooled text embedding and `add_time_ids`
     `(original height, original width, crop top, crop left, target height, target width)`, built per sample by the
     pipeline's own `_get_add_time_ids` from each image's original size and crop window."""

@@ -8,13 +8,13 @@ import torch
 from diffusers import WanPipeline
 from torch import nn
 
-from .base import DiffusionAdapter, DiffusionOptions
+from .base import DiffusionFamily, DiffusionOptions
 from .objectives import FlowMatchingObjective
-from .registry import register_adapter
+from .registry import register_family
 
 
-@register_adapter
-class WanAdapter(FlowMatchingObjective, DiffusionAdapter):
+@register_family
+class WanFamily(FlowMatchingObjective, DiffusionFamily):
     """Wan2.1 T2V: videos `[B, 3, F, H, W]` (F = 4k + 1) are encoded by `AutoencoderKLWan` and normalised with the
     VAE's per-channel `latents_mean`/`latents_std`, as the pipeline un-normalises them; flow matching on the flow
     schedule with the checkpoint's `flow_shift` (or `PolyDPOConfig.flow_shift`)."""

@@ -69,16 +69,16 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
     """A `huggingface_hub.ModelCard` describing how `trainer` produced its model."""
     from .. import __version__
 
-    args, adapter = trainer.args, trainer.adapter
-    base_model = adapter.name_or_path or "<base model>"
-    pipeline_class = adapter.pipeline_class.__name__
+    args, family = trainer.args, trainer.family
+    base_model = family.name_or_path or "<base model>"
+    pipeline_class = family.pipeline_class.__name__
     tags = [*TAGS, "lora" if trainer.is_lora else "full-fine-tune"]
-    tags.append("text-to-video" if adapter.is_video else "text-to-image")
+    tags.append("text-to-video" if family.is_video else "text-to-image")
     card_data = ModelCardData(
-        base_model=adapter.name_or_path,
+        base_model=family.name_or_path,
         datasets=[dataset_name] if dataset_name else None,
         library_name="diffusers",
-        pipeline_tag="text-to-video" if adapter.is_video else "text-to-image",
+        pipeline_tag="text-to-video" if family.is_video else "text-to-image",
         tags=tags,
     )
     losses = ", ".join(f"{w} x {name}" for name, w in zip(args.loss_type, args.loss_weights))
@@ -87,7 +87,7 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
         "pipeline": pipeline_class,
         "dataset": dataset_name or "(not recorded)",
         "loss": losses,
-        "beta": args.beta,
+        "beta (resolved)": trainer.beta,
         "poly_alpha": args.poly_alpha,
         "method": f"LoRA (r={trainer.lora_rank})" if trainer.is_lora else "full fine-tuning",
         "steps": trainer.state.global_step,
@@ -109,7 +109,7 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
         f"`{base_model}`" if os.path.exists(base_model) else f"[{base_model}](https://huggingface.co/{base_model})"
     )
     summary = (
-        f"A {'LoRA' if trainer.is_lora else 'fine-tuned ' + adapter.denoiser_name} for {base_ref}, aligned with "
+        f"A {'LoRA' if trainer.is_lora else 'fine-tuned ' + family.denoiser_name} for {base_ref}, aligned with "
         "human preferences by "
         f"{'Poly-DPO' if 'poly_dpo' in args.loss_type else losses} "
         "(ViPO: Visual Preference Optimization at Scale, ICLR 2026)."
@@ -119,7 +119,7 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
         template_str=CARD_TEMPLATE,
         model_name=repo_id.split("/")[-1],
         summary=summary,
-        snippet=loading_snippet(pipeline_class, base_model, repo_id, trainer.is_lora, adapter.denoiser_name),
+        snippet=loading_snippet(pipeline_class, base_model, repo_id, trainer.is_lora, family.denoiser_name),
         training=training,
         metrics=metrics,
         grid=grid,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Literal
 
 from transformers import TrainingArguments
 
@@ -34,6 +38,10 @@ class PolyDPOConfig(TrainingArguments):
             `loss_type=["poly_dpo", "sft"]`.
         loss_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             One weight per entry of `loss_type`; `None` weighs each loss 1.0.
+        loss_params (`dict[str, dict]`, `str` or `None`, *optional*, defaults to `None`):
+            Parameters of losses that declare their own (`register_loss(..., params=...)`), by loss name:
+            `{"my_loss": {"margin": 2.0}}`, or that as a JSON string on the command line. Every name must be in
+            `loss_type` and every key a field of that loss's parameter dataclass.
         beta (`float` or `None`, *optional*, defaults to `None`):
             Strength of the implicit KL constraint to the reference model, in the convention
             `logits = -0.5 * beta * ((e_w - e_l) - (e_ref_w - e_ref_l))` used by every loss of the library and every
@@ -156,54 +164,52 @@ class PolyDPOConfig(TrainingArguments):
     """
 
     # Loss
-    loss_type: list[str] = field(
-        default_factory=lambda: ["poly_dpo"],
-        metadata={"help": "Loss name(s): poly_dpo, diffusion_dpo, mapo, kto, sft."},
-    )
-    loss_weights: list[float] | None = field(default=None, metadata={"help": "One weight per loss."})
-    beta: float | None = field(default=None, metadata={"help": "KL strength (-0.5 * beta); None: family default."})
-    poly_alpha: float = field(default=0.0, metadata={"help": "Poly-DPO alpha (>= -1); 0 = Diffusion-DPO."})
-    mapo_beta: float = field(default=0.1, metadata={"help": "MaPO margin weight."})
-    mapo_snr: float = field(default=0.5, metadata={"help": "MaPO score constant."})
-    mapo_margin_scale: float = field(default=1000.0, metadata={"help": "MaPO log-odds scale."})
-    kto_desirable_weight: float = field(default=1.0, metadata={"help": "KTO lambda_d."})
-    kto_undesirable_weight: float = field(default=1.0, metadata={"help": "KTO lambda_u."})
+    loss_type: list[str] = field(default_factory=lambda: ["poly_dpo"])
+    loss_weights: list[float] | None = None
+    loss_params: dict | str | None = None
+    beta: float | None = None
+    poly_alpha: float = 0.0
+    mapo_beta: float = 0.1
+    mapo_snr: float = 0.5
+    mapo_margin_scale: float = 1000.0
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
 
     # Data
-    dataset_schema: str = field(default="auto", metadata={"help": "auto, pickapic or generic."})
-    prompt_column: str | None = field(default=None, metadata={"help": "Prompt column."})
-    chosen_column: str = field(default="chosen", metadata={"help": "Chosen image column (generic schema)."})
-    rejected_column: str = field(default="rejected", metadata={"help": "Rejected image column (generic schema)."})
-    category_column: str | None = field(default=None, metadata={"help": "Category column, for balance and logs."})
-    category_balanced: bool = field(default=False, metadata={"help": "Sample categories uniformly."})
-    strict_data: bool = field(default=False, metadata={"help": "Stop at the first bad row instead of skipping."})
-    max_image_pixels: int | None = field(default=89_478_485, metadata={"help": "Pixel limit per image or frame."})
-    num_frames: int | None = field(default=None, metadata={"help": "Frames per video."})
-    video_fps: float | None = field(default=None, metadata={"help": "Resample videos to this frame rate."})
-    cache_dtype: str = field(default="float32", metadata={"help": "Dtype of latent cache tensors."})
-    drop_ties: bool = field(default=True, metadata={"help": "Drop tied Pick-a-Pic pairs."})
-    resolution: int = field(default=512, metadata={"help": "Training resolution."})
-    aspect_ratio_buckets: str | None = field(default=None, metadata={"help": "None, 'auto' or 'h,w;h,w;...'."})
-    center_crop: bool = field(default=True, metadata={"help": "Centre crop (else random crop)."})
-    random_flip: bool = field(default=True, metadata={"help": "Random horizontal flip of both images."})
+    dataset_schema: Literal["auto", "pickapic", "generic"] = "auto"
+    prompt_column: str | None = None
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    category_column: str | None = None
+    category_balanced: bool = False
+    strict_data: bool = False
+    max_image_pixels: int | None = 89_478_485
+    num_frames: int | None = None
+    video_fps: float | None = None
+    cache_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    drop_ties: bool = True
+    resolution: int = 512
+    aspect_ratio_buckets: str | None = None
+    center_crop: bool = True
+    random_flip: bool = True
 
     # Diffusion
-    timestep_sampling: str | None = field(default=None, metadata={"help": "uniform, logit_normal or mode."})
-    logit_mean: float = field(default=0.0, metadata={"help": "Logit-normal mean."})
-    logit_std: float = field(default=1.0, metadata={"help": "Logit-normal std."})
-    mode_scale: float = field(default=1.29, metadata={"help": "Mode density scale."})
-    loss_weighting: str = field(default="none", metadata={"help": "none, sigma_sqrt or cosmap."})
-    guidance_scale: float = field(default=3.5, metadata={"help": "Guidance for guidance-distilled models."})
-    drop_t5_text_encoder: bool = field(default=False, metadata={"help": "SD3: skip loading T5."})
-    flow_shift: float | None = field(default=None, metadata={"help": "Flow-matching schedule shift."})
-    max_sequence_length: int | None = field(default=None, metadata={"help": "T5/UMT5 prompt token length."})
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    guidance_scale: float = 3.5
+    drop_t5_text_encoder: bool = False
+    flow_shift: float | None = None
+    max_sequence_length: int | None = None
 
     # Model loading
-    revision: str | None = field(default=None, metadata={"help": "Model revision on the Hub."})
-    variant: str | None = field(default=None, metadata={"help": "Weight variant, e.g. fp16."})
-    torch_dtype: str | None = field(default=None, metadata={"help": "Dtype of the frozen weights."})
+    revision: str | None = None
+    variant: str | None = None
+    torch_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
-    max_nonfinite_steps: int = field(default=10, metadata={"help": "Non-finite steps skipped before stopping."})
+    max_nonfinite_steps: int = 10
 
     # Defaults that differ from TrainingArguments
     learning_rate: float = field(default=1e-5, metadata={"help": "Initial learning rate."})
@@ -231,6 +237,18 @@ class PolyDPOConfig(TrainingArguments):
         for w in self.loss_weights:
             if not math.isfinite(w) or w < 0:
                 raise ValueError(f"`loss_weights` must be finite and >= 0, got {self.loss_weights}.")
+        if isinstance(self.loss_params, str):
+            try:
+                self.loss_params = json.loads(self.loss_params)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"PolyDPOConfig.loss_params is not JSON ({exc}): {self.loss_params!r}.") from None
+        for name, params in (self.loss_params or {}).items():
+            if name not in self.loss_type:
+                raise ValueError(
+                    f"PolyDPOConfig.loss_params names {name!r}, which is not in loss_type {self.loss_type}: add it "
+                    "there or remove its parameters."
+                )
+            get_loss(name).resolve_params({name: params})  # raises naming an unknown parameter
 
         _require(
             self.beta is None or (self.beta > 0 and math.isfinite(self.beta)),
@@ -306,7 +324,7 @@ class PolyDPOConfig(TrainingArguments):
         super().__post_init__()
 
     def diffusion_options(self) -> DiffusionOptions:
-        """The fields the model adapter reads."""
+        """The fields the model family reads."""
         return DiffusionOptions(
             timestep_sampling=self.timestep_sampling,
             logit_mean=self.logit_mean,
@@ -346,3 +364,32 @@ class PolyDPOConfig(TrainingArguments):
 def _require(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:
         raise ValueError(f"PolyDPOConfig.{name}={value!r} is out of range: it {rule}.")
+
+
+def docstring_help(cls: type) -> dict[str, str]:
+    """Each documented field's description in `cls`'s TRL-style docstring, joined into one line: the `--help` text."""
+    entries: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in (cls.__doc__ or "").splitlines():
+        header = re.match(r"^ {8}([a-z_0-9]+(?: / [a-z_0-9]+)*) \(", line)
+        if header:
+            current = []
+            for name in header.group(1).split(" / "):
+                entries[name] = current
+        elif line.startswith(" " * 12) and current is not None:
+            current.append(line.strip())
+        elif line.strip():
+            current = None
+    return {name: " ".join(words) for name, words in entries.items()}
+
+
+def _use_docstring_as_help(cls: type) -> None:
+    # One source of truth: the docstring's sentences are what `--help` prints for this class's own fields.
+    documented = docstring_help(cls)
+    for f in fields(cls):
+        if f.name in documented and f.name in cls.__annotations__ and "help" not in f.metadata:
+            # argparse formats help with %-interpolation: a literal % must be doubled.
+            f.metadata = MappingProxyType({**f.metadata, "help": documented[f.name].replace("%", "%%")})
+
+
+_use_docstring_as_help(PolyDPOConfig)

@@ -14,6 +14,8 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
+from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
@@ -35,8 +37,8 @@ from ..data.cache import cache_settings
 from ..data.preference import pairs_from_config
 from ..data.sampling import BucketSampler
 from ..losses import DenoisingErrors, get_loss, implicit_rewards
-from ..models import DiffusionAdapter, load_adapter
-from ..models.base import randn_like_rows
+from ..models import DiffusionFamily, family_from_pipeline, load_family
+from ..models.base import LORA_WEIGHT_NAME, randn_like_rows
 from ..utils import stable_seed
 from .model_card import build_model_card
 from .poly_dpo_config import PolyDPOConfig
@@ -63,20 +65,32 @@ class PolyDPOTrainer(Trainer):
     5. per-sample denoising errors -> `DenoisingErrors` -> the weighted sum of the selected losses.
 
     Args:
-        model: a hub id or local folder of a diffusers pipeline (its `model_index.json` picks the adapter), or a
-            `DiffusionAdapter` already loaded.
+        model: a hub id or local folder of a diffusers pipeline (its `model_index.json` picks the family), a loaded
+            `DiffusionPipeline` (used as it is: e.g. one whose earlier LoRA you fused), or a `DiffusionFamily`.
         args: a `PolyDPOConfig`.
         train_dataset / eval_dataset: a `datasets.Dataset` or streaming `datasets.IterableDataset` in Pick-a-Pic v2's
-            or the generic schema, or the folder of a latent cache (`vipo_trl.data.build_latent_cache`). When every
+            or the generic schema, or the folder of a latent cache (`vipo_trl.build_latent_cache`). When every
             dataset is a cache, neither VAE nor text encoders are loaded.
         peft_config: a `peft.LoraConfig` to train a LoRA; `None` fine-tunes the whole denoiser.
+        ref_model: the reference, as in `trl.DPOTrainer`. `None` (default): the base network with its LoRA
+            adapters disabled (LoRA), or a frozen copy of the denoiser (full fine-tuning). A folder holding
+            `pytorch_lora_weights.safetensors` (an earlier run's output): the base with that LoRA, held as a second,
+            frozen LoRA adapter of the same network under LoRA training (no second copy of the base). A pipeline
+            folder, a denoiser folder (`config.json`), a loaded `DiffusionPipeline` or an `nn.Module`: that
+            denoiser, frozen.
+        quantization_config: a `diffusers.BitsAndBytesConfig` (or `transformers`' one): QLoRA, the frozen base
+            denoiser loaded in 4 or 8 bits with the LoRA trained on top in float32. Needs `peft_config` and a CUDA
+            GPU (diffusers' bitsandbytes quantizer does not run on the CPU).
         data_collator: defaults to a `PreferenceCollator` (or `LatentCacheCollator`) built from `args`.
         callbacks, optimizers: as in `transformers.Trainer`.
+
+    The trainer reads `args` and never rewrites it: `beta=None` resolves to the family's value in `self.beta`
+    (logged as `beta_resolved`, saved beside the config and in the model card).
     """
 
     def __init__(
         self,
-        model: str | DiffusionAdapter,
+        model: str | os.PathLike | DiffusionPipeline | DiffusionFamily,
         args: PolyDPOConfig | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
@@ -84,6 +98,8 @@ class PolyDPOTrainer(Trainer):
         data_collator: Any = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
+        ref_model: str | os.PathLike | DiffusionPipeline | nn.Module | None = None,
+        quantization_config: Any = None,
     ):
         if args is None:
             args = PolyDPOConfig(output_dir="poly-dpo-output")
@@ -95,26 +111,36 @@ class PolyDPOTrainer(Trainer):
         datasets = [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])]
         datasets = [d for d in datasets if d is not None]
         from_cache = bool(datasets) and all(is_latent_cache(d) or isinstance(d, LatentCacheDataset) for d in datasets)
-        if isinstance(model, DiffusionAdapter):
-            self.adapter = model
+        if quantization_config is not None and peft_config is None:
+            raise ValueError(
+                "quantization_config loads the base denoiser in 4/8 bits, which cannot be fine-tuned whole: pass a "
+                "peft_config as well (QLoRA trains a LoRA on the quantized base)."
+            )
+        if isinstance(model, DiffusionFamily):
+            self.family = model
+        elif isinstance(model, DiffusionPipeline):
+            self.family = family_from_pipeline(model, options=args.diffusion_options())
         else:
-            self.adapter = load_adapter(
+            self.family = load_family(
                 model,
                 revision=args.revision,
                 variant=args.variant,
                 frozen_dtype=getattr(torch, args.frozen_dtype_name),
                 options=args.diffusion_options(),
                 encoders=not from_cache,
+                quantization_config=quantization_config,
             )
+        #: `args.beta`, or the family's recommended value when that is None; what every loss reads.
+        self.beta = args.beta if args.beta is not None else self.family.recommended_beta
         if args.beta is None:
-            args.beta = self.adapter.recommended_beta
-            logger.info("beta=None: using %s's recommended beta=%s.", type(self.adapter).__name__, args.beta)
+            logger.info("beta=None: using %s's recommended beta=%s.", type(self.family).__name__, self.beta)
+        self._loss_config = _LossConfig(args, self.beta)
         self.loss_specs = [get_loss(name) for name in args.loss_type]
         self.needs_reference = any(spec.needs_reference for spec in self.loss_specs)
         self.is_lora = peft_config is not None
         if self.is_lora and not peft_config.target_modules:
-            peft_config = dataclasses.replace(peft_config, target_modules=list(self.adapter.lora_target_modules))
-        self._prepare_denoiser(args, peft_config)
+            peft_config = dataclasses.replace(peft_config, target_modules=list(self.family.lora_target_modules))
+        self._prepare_denoiser(args, peft_config, ref_model)
 
         train_pairs = self._prepare_dataset(train_dataset, args)
         if isinstance(eval_dataset, dict):
@@ -130,7 +156,7 @@ class PolyDPOTrainer(Trainer):
         self.categories = self._category_names(train_pairs, args)
 
         super().__init__(
-            model=self.adapter.denoiser,
+            model=self.family.denoiser,
             args=args,
             data_collator=data_collator,
             train_dataset=train_pairs,
@@ -140,7 +166,7 @@ class PolyDPOTrainer(Trainer):
         )
         # Our loss is a per-batch mean: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
-        self.adapter.to(self.accelerator.device)
+        self.family.to(self.accelerator.device)
         if self.ref_denoiser is not None:
             self.ref_denoiser.to(self.accelerator.device)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
@@ -157,26 +183,40 @@ class PolyDPOTrainer(Trainer):
         self.dataset_name: str | None = _dataset_name(train_dataset)
         self._skipped_since_log: Counter[str] = Counter()
 
-    def _prepare_denoiser(self, args: PolyDPOConfig, peft_config: Any) -> None:
-        denoiser = self.adapter.denoiser
+    def _prepare_denoiser(self, args: PolyDPOConfig, peft_config: Any, ref_model: Any) -> None:
+        denoiser = self.family.denoiser
         frozen_dtype = getattr(torch, args.frozen_dtype_name)
         self.ref_denoiser: nn.Module | None = None
+        #: Name of the frozen LoRA adapter that makes the reference (`ref_model` = a LoRA folder, LoRA training).
+        self.ref_adapter: str | None = None
+        ref_lora = _lora_folder(ref_model)
+        if ref_model is not None and not self.needs_reference:
+            logger.warning("ref_model is ignored: no selected loss (%s) reads a reference.", args.loss_type)
+            ref_model = ref_lora = None
         if self.is_lora:
             denoiser.requires_grad_(False)
-            if denoiser.dtype != frozen_dtype:
+            if denoiser.dtype != frozen_dtype and not _is_quantized(denoiser):
                 denoiser.to(frozen_dtype)
-            _add_lora(denoiser, peft_config, self.adapter.lora_target_modules)
-            for param in denoiser.parameters():
-                if param.requires_grad:  # trainable LoRA weights are kept in float32
-                    param.data = param.data.float()
+            _add_lora(denoiser, peft_config, self.family.lora_target_modules)
+            if ref_lora is not None:
+                # The earlier LoRA becomes a second adapter of the same network, switched on only for the reference.
+                self.ref_adapter = "reference"
+                denoiser.load_lora_adapter(ref_lora, prefix=self.family.denoiser_name, adapter_name=self.ref_adapter)
+                denoiser.set_adapter("default")
+            cast_training_params(denoiser, dtype=torch.float32)  # trainable LoRA weights are kept in float32
         else:
+            if denoiser.dtype != torch.float32:
+                denoiser.float()  # full fine-tuning trains float32 weights (mixed precision casts on the fly)
             denoiser.requires_grad_(True)
-            if self.needs_reference:
-                self.ref_denoiser = copy.deepcopy(denoiser).to(frozen_dtype).requires_grad_(False).eval()
+        if self.needs_reference and self.ref_adapter is None and (ref_model is not None or not self.is_lora):
+            self.ref_denoiser = _reference_denoiser(self.family, ref_model).to(frozen_dtype).requires_grad_(False)
+            self.ref_denoiser.eval()
         if args.activation_checkpointing:
-            # diffusers networks switch checkpointing on with their own method, which Trainer does not know.
-            self.adapter.enable_gradient_checkpointing()
-            args.activation_checkpointing = args.gradient_checkpointing = False
+            # Trainer switches checkpointing on through `activation_checkpointing_enable`, which transformers models
+            # have and diffusers networks do not: give the denoiser one that calls diffusers' own switch.
+            family = self.family
+            family.enable_gradient_checkpointing()
+            denoiser.activation_checkpointing_enable = lambda **_: family.enable_gradient_checkpointing()
 
     def _prepare_dataset(self, dataset: Any, args: PolyDPOConfig) -> Any:
         if dataset is None or isinstance(dataset, (PreferencePairs, StreamingPreferencePairs)):
@@ -190,7 +230,7 @@ class PolyDPOTrainer(Trainer):
                 f"{dataset} is not a latent cache folder; pass a datasets.Dataset, or build a cache with "
                 "vipo_trl.data.build_latent_cache."
             )
-        pairs = pairs_from_config(dataset, args, self.adapter.bucket_divisibility)
+        pairs = pairs_from_config(dataset, args, self.family.bucket_divisibility)
         if args.aspect_ratio_buckets and isinstance(pairs, StreamingPreferencePairs):
             raise PreferenceDataError(
                 "aspect_ratio_buckets needs to know each pair's bucket before batching, which a streaming dataset "
@@ -199,11 +239,11 @@ class PolyDPOTrainer(Trainer):
         return pairs
 
     def _check_cache(self, cache: LatentCacheDataset, args: PolyDPOConfig) -> None:
-        expected = cache_settings(args, self.adapter, self.adapter.name_or_path)
+        expected = cache_settings(args, self.family, self.family.name_or_path)
         found = cache.settings
         keys = ["pipeline", "resolution", "max_sequence_length", "drop_t5_text_encoder", "num_frames", "video_fps"]
         keys += ["aspect_ratio_buckets"]
-        if self.adapter.name_or_path is not None:
+        if self.family.name_or_path is not None:
             keys += ["model", "revision", "variant"]
         wrong = [f"{k}: cache {found.get(k)!r} vs now {expected[k]!r}" for k in keys if found.get(k) != expected[k]]
         if wrong:
@@ -247,26 +287,26 @@ class PolyDPOTrainer(Trainer):
 
     def denoising_errors(self, model: nn.Module, inputs: dict[str, Any], salt: int) -> DenoisingErrors:
         """Per-sample denoising errors of the policy (and the reference, when a loss needs it)."""
-        adapter = self.adapter
+        family = self.family
         device = self.accelerator.device
         generators = self._pair_generators(inputs["row_index"], salt)
 
         if "latent_mean_chosen" in inputs:  # from a latent cache
             mean = torch.cat([inputs["latent_mean_chosen"], inputs["latent_mean_rejected"]]).float()
             std = torch.cat([inputs["latent_std_chosen"], inputs["latent_std_rejected"]]).float()
-            latents = adapter.latents_from_distribution(mean, std, generators + generators)
+            latents = family.latents_from_distribution(mean, std, generators + generators)
             conditioning = inputs["conditioning"]
         else:
             pixels = torch.cat([inputs["pixel_values_chosen"], inputs["pixel_values_rejected"]])
-            latents = adapter.encode_images(pixels, generators + generators)
-            conditioning = adapter.encode_conditioning(inputs)
+            latents = family.encode_images(pixels, generators + generators)
+            conditioning = family.encode_conditioning(inputs)
         conditioning = {k: torch.cat([v, v]).to(device) for k, v in conditioning.items()}
         noise = randn_like_rows(latents[: len(generators)], generators)
         noise = torch.cat([noise, noise])
-        timesteps = adapter.sample_timesteps(generators)
+        timesteps = family.sample_timesteps(generators)
         timesteps = torch.cat([timesteps, timesteps]).to(device)
-        noisy_input, target = adapter.noisy_input_and_target(latents, noise, timesteps)
-        weights = adapter.error_weights(timesteps)
+        noisy_input, target = family.noisy_input_and_target(latents, noise, timesteps)
+        weights = family.error_weights(timesteps)
 
         def errors_of(prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             errors = _per_sample_mse(prediction, target)
@@ -284,28 +324,35 @@ class PolyDPOTrainer(Trainer):
 
         policy_dtype = self.accelerator.unwrap_model(model).dtype
         policy_chosen, policy_rejected = errors_of(
-            adapter.predict(model, noisy_input, timesteps, conditioning, policy_dtype)
+            family.predict(model, noisy_input, timesteps, conditioning, policy_dtype)
         )
         return DenoisingErrors(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
 
     def _reference_prediction(self, model, noisy_input, timesteps, conditioning) -> torch.Tensor:
         if self.ref_denoiser is not None:
             ref = self.ref_denoiser
-            return self.adapter.predict(ref, noisy_input, timesteps, conditioning, next(ref.parameters()).dtype)
-        # LoRA: the reference is the same network with its adapters disabled; never a second copy of the weights.
+            return self.family.predict(ref, noisy_input, timesteps, conditioning, next(ref.parameters()).dtype)
+        # LoRA: the reference is the same network with its adapters disabled (or only the reference LoRA on);
+        # never a second copy of the weights.
         network = self.accelerator.unwrap_model(model)
-        network.disable_adapters()
+        if self.ref_adapter is not None:
+            network.set_adapter(self.ref_adapter)
+        else:
+            network.disable_adapters()
         try:
-            return self.adapter.predict(network, noisy_input, timesteps, conditioning, network.dtype)
+            return self.family.predict(network, noisy_input, timesteps, conditioning, network.dtype)
         finally:
-            network.enable_adapters()
+            if self.ref_adapter is not None:
+                network.set_adapter("default")  # also makes the policy's LoRA trainable again, the reference's not
+            else:
+                network.enable_adapters()
 
     def preference_loss(self, errors: DenoisingErrors) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted sum of the selected losses, and each loss's value and metrics."""
         loss = 0.0
         metrics: dict[str, torch.Tensor] = {}
         for spec, weight in zip(self.loss_specs, self.args.loss_weights):
-            out = spec.fn(errors, self.args)
+            out = spec(errors, self._loss_config)
             loss = loss + weight * out.loss
             metrics[f"loss/{spec.name}"] = out.loss.detach()
             metrics.update({k: torch.as_tensor(v).detach() for k, v in out.metrics.items()})
@@ -327,7 +374,7 @@ class PolyDPOTrainer(Trainer):
         metrics["errors/policy_chosen"] = errors.policy_chosen.detach().mean()
         metrics["errors/policy_rejected"] = errors.policy_rejected.detach().mean()
         if errors.has_reference:
-            chosen, rejected = implicit_rewards(errors, self.args.beta)
+            chosen, rejected = implicit_rewards(errors, self.beta)
             margins = (chosen - rejected).detach()
             metrics["rewards/chosen"] = chosen.detach().mean()
             metrics["rewards/rejected"] = rejected.detach().mean()
@@ -350,7 +397,7 @@ class PolyDPOTrainer(Trainer):
             subset = DenoisingErrors(*(None if t is None else t.detach()[mask] for t in vars(errors).values()))
             values = [self.preference_loss(subset)[0]]
             if subset.has_reference:
-                chosen, rejected = implicit_rewards(subset, self.args.beta)
+                chosen, rejected = implicit_rewards(subset, self.beta)
                 values += [((chosen - rejected) > 0).float().mean(), (chosen - rejected).mean()]
             for m, value in enumerate(values):
                 sums[0, m, index[name]] += float(value) * int(mask.sum())
@@ -460,13 +507,13 @@ class PolyDPOTrainer(Trainer):
         try:
             denoiser = self.accelerator.unwrap_model(self.model)
             if self.is_lora:
-                self.adapter.save_lora(scratch, denoiser)
+                self.family.save_lora(scratch, denoiser)
             else:
                 denoiser.save_pretrained(scratch, safe_serialization=True)
             with open(os.path.join(scratch, CONFIG_NAME), "w") as f:
-                f.write(self.args.to_json_string())
+                json.dump({**self.args.to_dict(), "beta_resolved": self.beta}, f, indent=2, sort_keys=True)
             with open(os.path.join(scratch, "vipo_trl_model.json"), "w") as f:
-                description = {**self.adapter.describe(), "lora": self.is_lora, "loss_type": self.args.loss_type}
+                description = {**self.family.describe(), "lora": self.is_lora, "loss_type": self.args.loss_type}
                 json.dump(description, f, indent=2)
             for name in os.listdir(scratch):
                 os.replace(os.path.join(scratch, name), os.path.join(output_dir, name))
@@ -485,7 +532,7 @@ class PolyDPOTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.is_lora:
-            self.adapter.load_lora(resume_from_checkpoint, denoiser)
+            self.family.load_lora(resume_from_checkpoint, denoiser)
             return
         path = os.path.join(resume_from_checkpoint, FULL_WEIGHTS_NAME)
         index_path = path + ".index.json"
@@ -557,6 +604,54 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
                 continue
             steps.append(int(match.group(1)))
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+class _LossConfig:
+    """The config as the losses read it: `args` with `beta` resolved (the trainer never writes to `args`)."""
+
+    def __init__(self, args: PolyDPOConfig, beta: float):
+        self._args, self.beta = args, beta
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._args, name)
+
+
+def _lora_folder(ref_model: Any) -> str | None:
+    if isinstance(ref_model, (str, os.PathLike)) and os.path.isfile(os.path.join(ref_model, LORA_WEIGHT_NAME)):
+        return os.fspath(ref_model)
+    return None
+
+
+def _reference_denoiser(family: DiffusionFamily, ref_model: Any) -> nn.Module:
+    """The frozen reference network: a copy of the denoiser (with `ref_model`'s LoRA fused in, if it names one), or
+    the denoiser `ref_model` names or holds."""
+    if ref_model is None:
+        return copy.deepcopy(family.denoiser)
+    if isinstance(ref_model, nn.Module):
+        return ref_model
+    if isinstance(ref_model, DiffusionPipeline):
+        return getattr(ref_model, family.denoiser_name)
+    path = os.fspath(ref_model)
+    lora = _lora_folder(path)
+    if lora is not None:
+        network = copy.deepcopy(family.denoiser)
+        network.load_lora_adapter(lora, prefix=family.denoiser_name, adapter_name="reference")
+        network.fuse_lora(adapter_names=["reference"])
+        network.unload_lora()
+        return network
+    denoiser_class = type(family.denoiser)
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return denoiser_class.from_pretrained(path, subfolder=family.denoiser_name)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return denoiser_class.from_pretrained(path)
+    raise ValueError(
+        f"ref_model={path!r} is neither a LoRA folder ({LORA_WEIGHT_NAME}), a pipeline folder (model_index.json) nor a "
+        f"{denoiser_class.__name__} folder (config.json)."
+    )
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_quantized", False) or getattr(module, "hf_quantizer", None))
 
 
 def _dataset_name(dataset: Any) -> str | None:
