@@ -148,23 +148,35 @@ def test_a_loss_declares_its_own_parameters():
 
     @register_loss("test_margin_hinge", needs_reference=True, params=MarginParams)
     def margin_hinge(errors, config, params):
-        logits = -0.5 * config.beta * ((errors.policy_chosen - errors.policy_rejected)
-                                       - (errors.ref_chosen - errors.ref_rejected))
+        logits = (
+            -0.5
+            * config.beta
+            * ((errors.policy_chosen - errors.policy_rejected) - (errors.ref_chosen - errors.ref_rejected))
+        )
         return LossOutput(loss=torch.relu(params.margin - logits).mean())
 
     spec = get_loss("test_margin_hinge")
     assert spec(ERRORS, CFG).loss.item() == pytest.approx((0.6 + 1.2) / 2)  # default margin 1
     cfg = SimpleNamespace(beta=2.0, loss_params={"test_margin_hinge": {"margin": 2.0}})
     assert spec(ERRORS, cfg).loss.item() == pytest.approx((1.6 + 2.2) / 2)
-    config = PolyDPOConfig(output_dir="unused", report_to=[], loss_type="test_margin_hinge",
-                           loss_params='{"test_margin_hinge": {"margin": 3.0}}')  # a JSON string, as on the CLI
+    config = PolyDPOConfig(
+        output_dir="unused",
+        report_to=[],
+        loss_type="test_margin_hinge",
+        loss_params='{"test_margin_hinge": {"margin": 3.0}}',
+    )  # a JSON string, as on the CLI
     assert config.loss_params == {"test_margin_hinge": {"margin": 3.0}}
     with pytest.raises(ValueError, match="no parameter 'margn'.*Did you mean 'margin'"):
-        PolyDPOConfig(output_dir="unused", report_to=[], loss_type="test_margin_hinge",
-                      loss_params={"test_margin_hinge": {"margn": 3.0}})
+        PolyDPOConfig(
+            output_dir="unused",
+            report_to=[],
+            loss_type="test_margin_hinge",
+            loss_params={"test_margin_hinge": {"margn": 3.0}},
+        )
     with pytest.raises(ValueError, match="loss_params names 'poly_dpo', which is not in loss_type"):
-        PolyDPOConfig(output_dir="unused", report_to=[], loss_type="test_margin_hinge",
-                      loss_params={"poly_dpo": {"x": 1}})
+        PolyDPOConfig(
+            output_dir="unused", report_to=[], loss_type="test_margin_hinge", loss_params={"poly_dpo": {"x": 1}}
+        )
 
 
 def test_user_registered_loss_and_duplicate_name():

@@ -82,6 +82,72 @@ def test_lora_run_changes_only_lora_weights_and_reference_is_the_base(tmp_path, 
         assert key in logged
 
 
+def test_ref_model_from_an_earlier_lora_run_is_that_model(tmp_path, tiny_sd_path):
+    """Round 2 of an alignment: the reference is the base with round 1's LoRA, held as a second, frozen adapter."""
+    from diffusers import StableDiffusionPipeline
+
+    first = PolyDPOTrainer(
+        tiny_sd_path,
+        config(tmp_path, output_dir=str(tmp_path / "round1"), max_steps=3, learning_rate=5e-2),
+        pickapic_dataset(8),
+        peft_config=lora(),
+    )
+    first.train()
+    first.save_model()
+    second = PolyDPOTrainer(
+        tiny_sd_path,
+        config(tmp_path, output_dir=str(tmp_path / "round2")),
+        pickapic_dataset(8),
+        peft_config=lora(),
+        ref_model=str(tmp_path / "round1"),
+    )
+    assert second.ref_denoiser is None and second.ref_adapter == "reference"  # no second copy of the base
+    trainable = {n for n, p in second.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)  # the reference LoRA is frozen
+
+    round1 = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    round1.load_lora_weights(str(tmp_path / "round1"))
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None).unet
+    batch = one_batch(second)
+    gens = second._pair_generators(batch["row_index"], salt=0)
+    latents = second.family.encode_images(batch["pixel_values_chosen"], gens)
+    cond = second.family.encode_conditioning(batch)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        ref = second._reference_prediction(second.model, latents, t, cond)
+        expected = round1.unet(latents, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        plain = base(latents, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    torch.testing.assert_close(ref, expected, rtol=1e-4, atol=1e-5)
+    assert (ref - plain).abs().max() > 1e-3  # round 1 moved the model: the reference is not the base
+    # Training round 2 updates only its own LoRA; round 1's stays as loaded.
+    ref_before = {n: p.clone() for n, p in second.model.named_parameters() if ".reference." in n}
+    second.train()
+    assert ref_before and all(
+        torch.equal(p, ref_before[n]) for n, p in second.model.named_parameters() if n in ref_before
+    )
+    with torch.no_grad():
+        again = second._reference_prediction(second.model, latents, t, cond)
+    torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-5)
+    # Full fine-tuning: the frozen reference copy is the base with round 1's LoRA fused in.
+    full = PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(8), ref_model=str(tmp_path / "round1"))
+    with torch.no_grad():
+        fused = full._reference_prediction(full.model, latents, t, cond)
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
+    assert not any(p.requires_grad for p in full.ref_denoiser.parameters())
+
+
+def test_model_can_be_a_loaded_pipeline(tmp_path, tiny_sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    trainer = PolyDPOTrainer(pipe, config(tmp_path), pickapic_dataset(4), peft_config=lora())
+    assert trainer.model is pipe.unet and trainer.family.name_or_path == tiny_sd_path
+    trainer.train()
+    assert trainer.state.global_step == 2
+    with pytest.raises(ValueError, match="needs a peft_config|pass a peft_config"):
+        PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(4), quantization_config=object())
+
+
 def test_saved_lora_loads_into_the_official_pipeline_and_changes_the_image(tmp_path, tiny_sd_path):
     from diffusers import StableDiffusionPipeline
 

@@ -201,7 +201,12 @@ class PolyDPOTrainer(Trainer):
             if ref_lora is not None:
                 # The earlier LoRA becomes a second adapter of the same network, switched on only for the reference.
                 self.ref_adapter = "reference"
-                denoiser.load_lora_adapter(ref_lora, prefix=self.family.denoiser_name, adapter_name=self.ref_adapter)
+                denoiser.load_lora_adapter(
+                    ref_lora,
+                    weight_name=LORA_WEIGHT_NAME,
+                    prefix=self.family.denoiser_name,
+                    adapter_name=self.ref_adapter,
+                )
                 denoiser.set_adapter("default")
             cast_training_params(denoiser, dtype=torch.float32)  # trainable LoRA weights are kept in float32
         else:
@@ -635,7 +640,9 @@ def _reference_denoiser(family: DiffusionFamily, ref_model: Any) -> nn.Module:
     lora = _lora_folder(path)
     if lora is not None:
         network = copy.deepcopy(family.denoiser)
-        network.load_lora_adapter(lora, prefix=family.denoiser_name, adapter_name="reference")
+        network.load_lora_adapter(
+            lora, weight_name=LORA_WEIGHT_NAME, prefix=family.denoiser_name, adapter_name="reference"
+        )
         network.fuse_lora(adapter_names=["reference"])
         network.unload_lora()
         return network
