@@ -78,8 +78,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.model, args.data, args.cache, args.steps, args.resolution)
 
-    from vipo_trl import PolyDPOConfig
-    from vipo_trl.data import build_latent_cache
+    from vipo_trl import PolyDPOConfig, build_latent_cache
 
     work = Path(tempfile.mkdtemp())
     small_sd(str(work / "model"))

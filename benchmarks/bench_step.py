@@ -232,8 +232,7 @@ def main() -> None:
 
     from datasets import load_from_disk
 
-    from vipo_trl import PolyDPOConfig
-    from vipo_trl.data import build_latent_cache
+    from vipo_trl import PolyDPOConfig, build_latent_cache
 
     work = Path(tempfile.mkdtemp())
     if opts.model is None:

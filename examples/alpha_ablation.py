@@ -149,8 +149,7 @@ def task_base(plan: Plan, path: str) -> dict:
 
 def task_set(plan: Plan, kind: str, seed: int, work: str, path: str) -> dict:
     """Build the preference set of (kind, seed) from the base model's samples, and its latent cache."""
-    from vipo_trl import PolyDPOConfig
-    from vipo_trl.data.cache import build_latent_cache
+    from vipo_trl import PolyDPOConfig, build_latent_cache
     from vipo_trl.default import MODEL_DIR, make_preference_set
 
     dataset, stats = make_preference_set(

@@ -40,11 +40,11 @@ SMOKE = {
 def smoke_config(config: dict, workdir: Path) -> dict:
     from vipo_trl.testing import pickapic_dataset, tiny_pipeline, video_dataset
 
-    family = next(f for key, f in FAMILY_OF_MODEL.items() if key in config["model"])
+    family = next(f for key, f in FAMILY_OF_MODEL.items() if key in config["model_name_or_path"])
     tiny_pipeline(family).save_pretrained(workdir / "model")
     data = video_dataset(4) if family == "wan" else pickapic_dataset(6, ties=1)
     data.save_to_disk(str(workdir / "data"))
-    config = {**config, "model": str(workdir / "model"), "dataset": str(workdir / "data")}
+    config = {**config, "model_name_or_path": str(workdir / "model"), "dataset_name": str(workdir / "data")}
     overrides = {
         "max_steps": 2,
         "per_device_train_batch_size": 2,
@@ -62,7 +62,7 @@ def smoke_config(config: dict, workdir: Path) -> dict:
     config.update(overrides)
     if family == "wan":
         config["video_fps"] = None
-    config.pop("split", None)
+    config.pop("dataset_train_split", None)
     return config
 
 

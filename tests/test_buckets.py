@@ -10,8 +10,8 @@ from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
 
-from vipo_trl import PolyDPOConfig, PolyDPOTrainer
-from vipo_trl.data import LatentCacheDataset, build_latent_cache, paired_transform, read_manifest
+from vipo_trl import PolyDPOConfig, PolyDPOTrainer, build_latent_cache
+from vipo_trl.data import LatentCacheDataset, paired_transform, read_manifest
 from vipo_trl.data.sampling import BucketSampler, nearest_bucket, resolve_buckets
 
 BUCKETS = "64,64;64,128;128,64"

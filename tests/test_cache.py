@@ -9,9 +9,9 @@ from conftest import pickapic_dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-import vipo_trl.data.cache as cache_module
-from vipo_trl import PolyDPOConfig, PolyDPOTrainer
-from vipo_trl.data import LatentCacheDataset, PreferenceDataError, build_latent_cache, read_manifest
+import vipo_trl.trainer.cache_builder as cache_module
+from vipo_trl import PolyDPOConfig, PolyDPOTrainer, build_latent_cache
+from vipo_trl.data import LatentCacheDataset, PreferenceDataError, read_manifest
 
 
 def config(tmp_path, **kw):

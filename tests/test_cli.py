@@ -29,7 +29,7 @@ def saved_config(tmp_path, out="run"):
 
 
 def test_train_with_flags_saves_a_lora(tmp_path, tiny_sd_path, parquet):
-    main(["train", "--model", tiny_sd_path, "--dataset", parquet, "--use_peft", "--lora_r", "4",
+    main(["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, "--use_peft", "--lora_r", "4",
           "--beta", "3000", "--poly_alpha", "0.5", *common(tmp_path)])  # fmt: skip
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
     config = saved_config(tmp_path)
@@ -39,7 +39,7 @@ def test_train_with_flags_saves_a_lora(tmp_path, tiny_sd_path, parquet):
 def test_yaml_config_with_flags_overriding_it(tmp_path, tiny_sd_path, parquet):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(
-        f"model: {tiny_sd_path}\ndataset: {parquet}\nuse_peft: true\nlora_r: 4\n"
+        f"model_name_or_path: {tiny_sd_path}\ndataset_name: {parquet}\nuse_peft: true\nlora_r: 4\n"
         "loss_type: [poly_dpo, sft]\nloss_weights: [1.0, 0.1]\nbeta: 1000\npoly_alpha: 2.0\n"
     )
     main(["train", "--config", str(yaml_file), "--beta", "2000", *common(tmp_path)])
@@ -53,6 +53,48 @@ def test_misspelt_flag_suggests_the_right_name(tmp_path, capsys):
         main(["train", "--poly_alpah", "0.5", "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "unrecognized argument '--poly_alpah'. Did you mean 'poly_alpha'?" in capsys.readouterr().err
+
+
+def test_a_trl_dpo_yaml_runs_with_only_model_data_and_loss_changed(tmp_path, tiny_sd_path, parquet, monkeypatch):
+    """The YAML of a `trl dpo` run (TRL's field names, an `env:` section), with only the model, the dataset and the
+    loss fields changed, as docs/cli.md shows side by side."""
+    monkeypatch.delenv("VIPO_TEST_ENV", raising=False)
+    yaml_file = tmp_path / "dpo.yaml"
+    yaml_file.write_text(
+        "env:\n  VIPO_TEST_ENV: from-yaml\n"
+        f"model_name_or_path: {tiny_sd_path}\n"  # changed: a diffusers pipeline
+        f"dataset_name: {parquet}\n"  # changed: a preference set of images
+        "dataset_train_split: train\n"
+        "loss_type: poly_dpo\nbeta: 2000\npoly_alpha: 0.5\n"  # changed: TRL's sigmoid/beta 0.1
+        "learning_rate: 5.0e-7\nper_device_train_batch_size: 2\ngradient_accumulation_steps: 2\n"
+        "gradient_checkpointing: true\nlogging_steps: 1\nmax_steps: 2\nresolution: 16\n"
+        "use_peft: true\nlora_r: 8\nlora_alpha: 16\nlora_dropout: 0.0\n"
+        f"output_dir: {tmp_path / 'run'}\nreport_to: none\nuse_cpu: true\nsave_strategy: 'no'\n"
+    )
+    main(["train", "--config", str(yaml_file)])
+    import os
+
+    assert os.environ["VIPO_TEST_ENV"] == "from-yaml"
+    config = saved_config(tmp_path)
+    assert config["gradient_checkpointing"] is True and config["gradient_accumulation_steps"] == 2
+    assert config["beta"] == 2000 and config["poly_alpha"] == 0.5 and config["learning_rate"] == 5e-7
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        adapter = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert adapter["unet.r"] == 8 and adapter["unet.lora_alpha"] == 16  # TRL's LoRA flags reached peft
+
+
+def test_old_flag_names_point_to_trls(tmp_path, capsys):
+    for old, new in (
+        ("--model", "model_name_or_path"),
+        ("--dataset", "dataset_name"),
+        ("--split", "dataset_train_split"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", old, "x", "--output_dir", str(tmp_path)])
+        assert exit_info.value.code == 2
+        assert f"unrecognized argument '{old}'. Did you mean '{new}'?" in capsys.readouterr().err
 
 
 def test_misspelt_yaml_key_message(tmp_path, capsys):
@@ -80,17 +122,29 @@ def test_unknown_command_and_help(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--beta", "--poly_alpha", "--loss_type", "--use_peft", "--lora_target_modules", "--dataset"):
+    for flag in ("--beta", "--poly_alpha", "--loss_type", "--use_peft", "--lora_target_modules", "--dataset_name"):
         assert flag in help_text
 
 
 def test_cache_command_then_train_from_it(tmp_path, tiny_sd_path, parquet):
     cache = tmp_path / "cache"
-    main(["cache", "--model", tiny_sd_path, "--dataset", parquet, "--cache_output", str(cache), "--resolution", "16",
-          "--output_dir", str(tmp_path / "unused")])  # fmt: skip
+    main(["cache", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, "--cache_output", str(cache),
+          "--resolution", "16", "--output_dir", str(tmp_path / "unused")])  # fmt: skip
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_pairs"] == 6
-    main(["train", "--model", tiny_sd_path, "--dataset", str(cache), "--use_peft", "--lora_r", "4", *common(tmp_path)])
+    main(
+        [
+            "train",
+            "--model_name_or_path",
+            tiny_sd_path,
+            "--dataset_name",
+            str(cache),
+            "--use_peft",
+            "--lora_r",
+            "4",
+            *common(tmp_path),
+        ]
+    )
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -114,7 +168,18 @@ def test_the_command_runs_unchanged_under_accelerate_launch(tmp_path, tiny_sd_pa
         "--main_process_port",
         "29523",
     ]
-    command = ["-m", "vipo_trl", "train", "--model", tiny_sd_path, "--dataset", parquet, "--use_peft", "--lora_r", "4"]
+    command = [
+        "-m",
+        "vipo_trl",
+        "train",
+        "--model_name_or_path",
+        tiny_sd_path,
+        "--dataset_name",
+        parquet,
+        "--use_peft",
+        "--lora_r",
+        "4",
+    ]
     result = subprocess.run([*launch, *command, *common(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()

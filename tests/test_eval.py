@@ -416,11 +416,9 @@ def test_diagnose_recovers_a_known_flip_rate_and_tells_easy_from_clean(tmp_path)
     assert clean.easy_share < 0.2 < 0.8 < easy.easy_share
     assert easy.suggested_alpha < 0 and clean.suggested_alpha == 0
 
-    from vipo_trl import PolyDPOConfig
+    from vipo_trl.data import DataOptions
 
-    by_category = diagnose(
-        rendered_pairs(40, flip_rate=0.5), ["shapes"], PolyDPOConfig(output_dir="x", category_column="category")
-    )
+    by_category = diagnose(rendered_pairs(40, flip_rate=0.5), ["shapes"], DataOptions(category_column="category"))
     counts = [by_category.categories[c]["pairs"] for c in ("first-half", "second-half")]
     assert counts == [20, 20]
     consistencies = [by_category.categories[c]["consistency"] for c in ("first-half", "second-half")]

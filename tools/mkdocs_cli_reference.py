@@ -4,24 +4,10 @@ from the code. `<!-- CLI_REFERENCE -->` in a page is replaced by the tables."""
 from __future__ import annotations
 
 import dataclasses
-import re
 
 PLACEHOLDER = "<!-- CLI_REFERENCE -->"
-
-
-def _docstring_descriptions(cls) -> dict[str, str]:
-    """Field descriptions from a TRL-style docstring: `name (`type`, ...):` followed by indented lines."""
-    descriptions, current = {}, None
-    for line in (cls.__doc__ or "").splitlines():
-        match = re.match(r"^\s{8}(\w+)(?: / \w+)? \(`", line)
-        if match:
-            current = match.group(1)
-            descriptions[current] = ""
-        elif current and line.startswith(" " * 12):
-            descriptions[current] += " " + line.strip()
-        elif line.strip().startswith(">") or not line.strip():
-            current = None
-    return {k: v.strip() for k, v in descriptions.items()}
+# trl.ModelConfig flags that mean nothing for a diffusers pipeline (refused or ignored by vipo-trl).
+UNUSED_MODEL_FLAGS = {"attn_implementation", "lora_task_type"}
 
 
 def _default(field: dataclasses.Field) -> str:
@@ -45,17 +31,27 @@ def _table(cls, names: list[str], descriptions: dict[str, str]) -> str:
 
 def cli_reference() -> str:
     from transformers import TrainingArguments
+    from trl import ModelConfig, ScriptArguments
 
-    from vipo_trl.cli.parser import CacheArguments, DiagnoseArguments, EvalArguments, LoraArguments, ScriptArguments
+    from vipo_trl.cli.parser import CacheArguments, DiagnoseArguments, EvalArguments
     from vipo_trl.trainer import PolyDPOConfig
+    from vipo_trl.trainer.poly_dpo_config import docstring_help
 
     inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
     own = [f.name for f in dataclasses.fields(PolyDPOConfig) if f.init and f.name not in inherited]
     overridden = [n for n in ("learning_rate", "logging_steps", "remove_unused_columns") if n in inherited]
     base = [f.name for f in dataclasses.fields(TrainingArguments) if f.init and not f.name.startswith("_")]
     sections = [
-        ("What to train on (`train`, `cache`)", ScriptArguments, [f.name for f in dataclasses.fields(ScriptArguments)]),
-        ("LoRA (`train`)", LoraArguments, [f.name for f in dataclasses.fields(LoraArguments)]),
+        (
+            "Data, as `trl.ScriptArguments` names it (`train`, `cache`)",
+            ScriptArguments,
+            [f.name for f in dataclasses.fields(ScriptArguments) if f.name != "ignore_bias_buffers"],
+        ),
+        (
+            "Model, LoRA and quantization, as `trl.ModelConfig` names them (`train`, `cache`)",
+            ModelConfig,
+            [f.name for f in dataclasses.fields(ModelConfig) if f.name not in UNUSED_MODEL_FLAGS],
+        ),
         ("Latent cache (`cache`)", CacheArguments, [f.name for f in dataclasses.fields(CacheArguments)]),
         ("Evaluation (`eval`)", EvalArguments, [f.name for f in dataclasses.fields(EvalArguments)]),
         (
@@ -66,7 +62,7 @@ def cli_reference() -> str:
         ("PolyDPOConfig", PolyDPOConfig, own + overridden),
         ("Inherited from `transformers.TrainingArguments`", PolyDPOConfig, [n for n in base if n not in overridden]),
     ]
-    descriptions = _docstring_descriptions(PolyDPOConfig)
+    descriptions = docstring_help(PolyDPOConfig)
     return "\n\n".join(f"### {title}\n\n{_table(cls, names, descriptions)}" for title, cls, names in sections)
 
 

@@ -1,18 +1,33 @@
 """vipo-trl: preference optimization (Poly-DPO, Diffusion-DPO, MaPO, KTO) for text-to-image and text-to-video
 diffusion and flow models."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0.dev0"
 
-from .losses import DenoisingErrors, LossOutput, available_losses, get_loss, register_loss
-from .trainer import PolyDPOConfig, PolyDPOTrainer
+# Imported on first use, so `vipo-trl --help` and `import vipo_trl` do not pay for torch, diffusers and transformers.
+_EXPORTS = {
+    "DenoisingErrors": ".losses",
+    "LossOutput": ".losses",
+    "available_losses": ".losses",
+    "get_loss": ".losses",
+    "register_loss": ".losses",
+    "PolyDPOConfig": ".trainer",
+    "PolyDPOTrainer": ".trainer",
+    "build_latent_cache": ".trainer",
+}
 
-__all__ = [
-    "DenoisingErrors",
-    "LossOutput",
-    "PolyDPOConfig",
-    "PolyDPOTrainer",
-    "__version__",
-    "available_losses",
-    "get_loss",
-    "register_loss",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'vipo_trl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 from typing import Any
 
-from .parser import (
-    CacheArguments,
-    CliError,
-    DiagnoseArguments,
-    EvalArguments,
-    LoraArguments,
-    ScriptArguments,
-    VipoArgumentParser,
-)
+from .parser import CacheArguments, CliError, DiagnoseArguments, EvalArguments, VipoArgumentParser
 
 USAGE = """usage: vipo-trl <command> [flags]
 
@@ -29,45 +20,60 @@ commands:
 `vipo-trl <command> --help` lists every flag; `--config run.yaml` reads them from a file."""
 
 
-def load_preference_dataset(script: ScriptArguments, split: str | None = None) -> Any:
-    """A dataset from a hub id, a `save_to_disk` folder, a data file, or a latent cache folder (returned as a path)."""
-    from datasets import load_dataset, load_from_disk
+def _load_dataset(script: Any, split: str) -> Any:
+    from ..data import load_preference_dataset
 
-    from ..data import is_latent_cache
+    return load_preference_dataset(script.dataset_name, script.dataset_config, split, script.dataset_streaming)
 
-    name, split = script.dataset, split or script.split
-    if is_latent_cache(name):
-        return name
-    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_info.json")):
-        return load_from_disk(name)
-    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
-        return load_from_disk(name)[split]
-    extension = os.path.splitext(name)[1].lstrip(".")
-    if os.path.isfile(name) and extension in ("parquet", "json", "jsonl", "csv", "arrow"):
-        builder = {"jsonl": "json"}.get(extension, extension)
-        return load_dataset(builder, data_files={split: name}, split=split, streaming=script.streaming)
-    return load_dataset(name, script.dataset_config, split=split, streaming=script.streaming)
+
+def _trainer_inputs(model_args: Any, config: Any) -> tuple[Any, Any]:
+    """TRL's model flags as the trainer takes them: the LoRA config (`trl.get_peft_config`), the quantization config
+    (`trl.get_quantization_config`), and `--model_revision`/`--dtype` carried into the config's loading fields."""
+    from trl import get_peft_config, get_quantization_config
+
+    if model_args.attn_implementation is not None:
+        raise CliError("--attn_implementation applies to transformers models; diffusers pipelines choose their own.")
+    if model_args.model_revision not in (None, "main"):
+        if config.revision not in (None, model_args.model_revision):
+            raise CliError(f"--model_revision {model_args.model_revision} and --revision {config.revision} disagree.")
+        config.revision = model_args.model_revision
+    if model_args.dtype not in (None, "auto", "float32") and config.torch_dtype is None:
+        config.torch_dtype = model_args.dtype  # the frozen weights' dtype
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None:
+        peft_config.task_type = None  # a language-model task type means nothing to a UNet or transformer
+    return peft_config, get_quantization_config(model_args)
 
 
 def train(argv: list[str]) -> None:
+    from trl import ModelConfig, ScriptArguments
+
     from ..trainer import PolyDPOConfig, PolyDPOTrainer
 
-    parser = VipoArgumentParser([ScriptArguments, LoraArguments, PolyDPOConfig], prog="vipo-trl train")
-    script, lora, config = parser.parse(argv)
-    if script.model is None and script.dataset is None:
+    parser = VipoArgumentParser([ScriptArguments, ModelConfig, PolyDPOConfig], prog="vipo-trl train")
+    script, model_args, config = parser.parse(argv)
+    if script.ignore_bias_buffers:
+        raise CliError("--ignore_bias_buffers is for language models trained with DDP; it has no effect here.")
+    if model_args.model_name_or_path is None and script.dataset_name is None:
         try:
             from ..default import run_default
         except ImportError:
-            raise CliError("name --model and --dataset (this build has no embedded default model).") from None
+            raise CliError("name --model_name_or_path and --dataset_name (this build has no embedded model).") from None
         return run_default(config)
-    if script.model is None or script.dataset is None:
-        raise CliError("name both --model and --dataset (or neither, to run the embedded default).")
-    train_dataset = load_preference_dataset(script)
-    eval_dataset = load_preference_dataset(script, script.eval_split) if script.eval_split else None
+    if model_args.model_name_or_path is None or script.dataset_name is None:
+        raise CliError("name both --model_name_or_path and --dataset_name (or neither, to run the embedded default).")
+    peft_config, quantization_config = _trainer_inputs(model_args, config)
+    train_dataset = _load_dataset(script, script.dataset_train_split)
+    eval_dataset = _load_dataset(script, script.dataset_test_split) if config.eval_strategy != "no" else None
     trainer = PolyDPOTrainer(
-        script.model, config, train_dataset, eval_dataset=eval_dataset, peft_config=lora.to_peft_config()
+        model_args.model_name_or_path,
+        config,
+        train_dataset,
+        eval_dataset=eval_dataset,
+        peft_config=peft_config,
+        quantization_config=quantization_config,
     )
-    trainer.dataset_name = script.dataset
+    trainer.dataset_name = script.dataset_name
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
     if config.push_to_hub:
@@ -75,16 +81,18 @@ def train(argv: list[str]) -> None:
 
 
 def cache(argv: list[str]) -> None:
-    from ..data import build_latent_cache
-    from ..trainer import PolyDPOConfig
+    from trl import ModelConfig, ScriptArguments
 
-    parser = VipoArgumentParser([ScriptArguments, CacheArguments, PolyDPOConfig], prog="vipo-trl cache")
-    script, cache_args, config = parser.parse(argv)
-    if not (script.model and script.dataset and cache_args.cache_output):
-        raise CliError("cache needs --model, --dataset and --cache_output.")
+    from ..trainer import PolyDPOConfig, build_latent_cache
+
+    parser = VipoArgumentParser([ScriptArguments, ModelConfig, CacheArguments, PolyDPOConfig], prog="vipo-trl cache")
+    script, model_args, cache_args, config = parser.parse(argv)
+    if not (model_args.model_name_or_path and script.dataset_name and cache_args.cache_output):
+        raise CliError("cache needs --model_name_or_path, --dataset_name and --cache_output.")
+    _trainer_inputs(model_args, config)
     folder = build_latent_cache(
-        script.model,
-        load_preference_dataset(script),
+        model_args.model_name_or_path,
+        _load_dataset(script, script.dataset_train_split),
         cache_args.cache_output,
         config,
         shard_size=cache_args.shard_size,
@@ -97,13 +105,13 @@ def evaluate(argv: list[str]) -> None:
     from ..eval import evaluate_alignment, load_prompts
 
     (args,) = VipoArgumentParser([EvalArguments], prog="vipo-trl eval").parse(argv)
-    embedded = args.model is None
+    embedded = args.model_name_or_path is None
     if embedded:
         from ..default import ALL_SCENES, MODEL_DIR
 
         model, prompts, scorers, steps, guidance = str(MODEL_DIR), [s.prompt for s in ALL_SCENES], ["shapes"], 20, 4.0
     else:
-        model, prompts, scorers, steps, guidance = args.model, None, ["pickscore"], 30, 7.5
+        model, prompts, scorers, steps, guidance = args.model_name_or_path, None, ["pickscore"], 30, 7.5
     if args.prompts is not None or prompts is None:
         try:
             prompts = load_prompts(args.prompts, args.prompt_column)
@@ -134,33 +142,32 @@ def diagnose(argv: list[str]) -> None:
     from ..eval import diagnose as run_diagnosis
 
     if argv and not argv[0].startswith("-"):  # `vipo-trl diagnose DATASET [flags]`
-        argv = ["--dataset", argv[0], *argv[1:]]
+        argv = ["--dataset_name", argv[0], *argv[1:]]
     (args,) = VipoArgumentParser([DiagnoseArguments], prog="vipo-trl diagnose").parse(argv)
-    try:
-        config = args.to_config()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    if args.dataset is None:
+    options = args.data_options()
+    if args.dataset_name is None:
         raise CliError("name the preference set: vipo-trl diagnose DATASET (or default:clean|noisy|easy).")
-    if args.dataset.startswith("default:"):
+    if args.dataset_name.startswith("default:"):
         from ..default import KINDS, load_default_pipeline, make_preference_set
 
-        kind = args.dataset.split(":", 1)[1]
+        kind = args.dataset_name.split(":", 1)[1]
         if kind not in KINDS:
             raise CliError(
-                f"--dataset {args.dataset}: the embedded sets are {', '.join('default:' + k for k in KINDS)}."
+                f"--dataset_name {args.dataset_name}: the embedded sets are "
+                f"{', '.join('default:' + k for k in KINDS)}."
             )
-        dataset, _ = make_preference_set(kind, load_default_pipeline(), seed=config.seed)
+        dataset, _ = make_preference_set(kind, load_default_pipeline(), seed=args.seed)
         scorers = args.scorers or ["shapes"]
     else:
-        script = ScriptArguments(dataset=args.dataset, dataset_config=args.dataset_config, split=args.split)
-        dataset = load_preference_dataset(script)
+        from ..data import load_preference_dataset
+
+        dataset = load_preference_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
         scorers = args.scorers or ["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"]
     try:
         report = run_diagnosis(
             dataset,
             scorers,
-            config,
+            options,
             max_pairs=args.max_pairs,
             easy_relevance=args.easy_relevance,
             prompt_shuffles=args.prompt_shuffles,

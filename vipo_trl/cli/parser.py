@@ -1,60 +1,18 @@
-"""Argument parsing for the `vipo-trl` command: dataclass fields as flags, a YAML file as defaults, and errors that
-suggest the closest valid name for a misspelt flag or key."""
+"""Argument parsing for the `vipo-trl` command, on `trl.TrlParser`: dataclass fields as flags with TRL's names
+(`trl.ScriptArguments`, `trl.ModelConfig`), `--config file.yaml` as defaults (with its `env:` section), and one-line
+errors that suggest the closest valid name for a misspelt flag or key."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from transformers import HfArgumentParser
+from trl import TrlParser
 
-
-@dataclass
-class ScriptArguments:
-    """What to train on."""
-
-    model: str | None = field(
-        default=None, metadata={"help": "Hub id or local folder of a diffusers pipeline (SD, SDXL, SD3, FLUX, Wan)."}
-    )
-    dataset: str | None = field(
-        default=None,
-        metadata={"help": "Hub id, a folder saved with save_to_disk, a parquet/json/csv file, or a latent cache."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    split: str = field(default="train", metadata={"help": "Training split."})
-    eval_split: str | None = field(default=None, metadata={"help": "Evaluation split, if any."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset instead of downloading it whole."})
-    config: str | None = field(default=None, metadata={"help": "YAML file of defaults; command-line flags override."})
-
-
-@dataclass
-class LoraArguments:
-    """LoRA through peft."""
-
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA instead of the whole denoiser."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules to adapt; default: the model family's attention projections."}
-    )
-
-    def to_peft_config(self) -> Any:
-        from peft import LoraConfig
-
-        if not self.use_peft:
-            return None
-        return LoraConfig(
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=self.lora_target_modules,
-            init_lora_weights="gaussian",
-        )
+from ..utils import did_you_mean
 
 
 @dataclass
@@ -70,7 +28,7 @@ class CacheArguments:
 class EvalArguments:
     """What `vipo-trl eval` generates and scores."""
 
-    model: str | None = field(
+    model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub id or folder of the base pipeline (default: the embedded shapes model)."}
     )
     lora: str | None = field(default=None, metadata={"help": "LoRA folder or hub id to compare with the base."})
@@ -96,21 +54,20 @@ class EvalArguments:
     batch_size: int = field(default=8, metadata={"help": "Images generated at once."})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
     output_dir: str = field(default="vipo-eval", metadata={"help": "Where results.json, grid.png, scores.png go."})
-    config: str | None = field(default=None, metadata={"help": "YAML file of defaults; command-line flags override."})
 
 
 @dataclass
 class DiagnoseArguments:
     """What `vipo-trl diagnose` reads and how."""
 
-    def to_config(self) -> Any:
-        """The `PolyDPOConfig` that reads the set as training would (schema, columns, ties)."""
-        from ..trainer import PolyDPOConfig
+    def data_options(self) -> Any:
+        """The `DataOptions` that read the set as training would (schema, columns, ties)."""
+        from ..data import DataOptions
 
         names = ("dataset_schema", "prompt_column", "chosen_column", "rejected_column", "category_column", "seed")
-        return PolyDPOConfig(output_dir=self.output_dir, report_to=[], **{k: getattr(self, k) for k in names})
+        return DataOptions(**{k: getattr(self, k) for k in names})
 
-    dataset: str | None = field(
+    dataset_name: str | None = field(
         default=None,
         metadata={
             "help": "Hub id, save_to_disk folder or data file of a preference set, or default:clean|noisy|easy for "
@@ -118,7 +75,7 @@ class DiagnoseArguments:
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    split: str = field(default="train", metadata={"help": "Split."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to diagnose."})
     scorers: list[str] | None = field(
         default=None, metadata={"help": "Scorer names (default: pickscore hpsv2 imagereward aesthetic clip; shapes)."}
     )
@@ -131,7 +88,9 @@ class DiagnoseArguments:
         },
     )
     prompt_shuffles: int = field(default=2, metadata={"help": "Other prompts each image is also scored against."})
-    dataset_schema: str = field(default="auto", metadata={"help": "auto, pickapic or generic."})
+    dataset_schema: Literal["auto", "pickapic", "generic"] = field(
+        default="auto", metadata={"help": "auto, pickapic or generic."}
+    )
     prompt_column: str | None = field(default=None, metadata={"help": "Prompt column (default: caption / prompt)."})
     chosen_column: str = field(default="chosen", metadata={"help": "Chosen image column (generic schema)."})
     rejected_column: str = field(default="rejected", metadata={"help": "Rejected image column (generic schema)."})
@@ -139,7 +98,6 @@ class DiagnoseArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the prompt shuffles (and of default:* sets)."})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
     output_dir: str = field(default="vipo-diagnosis", metadata={"help": "Where diagnosis.json/.txt/.png go."})
-    config: str | None = field(default=None, metadata={"help": "YAML file of defaults; command-line flags override."})
 
 
 class CliError(SystemExit):
@@ -154,49 +112,88 @@ def _field_names(dataclass_types: list[type]) -> set[str]:
     return {f.name for t in dataclass_types for f in dataclasses.fields(t) if f.init}
 
 
-def _suggest(name: str, valid: set[str]) -> str:
-    close = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
+#: Flags of earlier vipo-trl versions (and of diffusers' scripts) -> TRL's names, for the "did you mean" hint.
+RENAMED = {
+    "model": "model_name_or_path",
+    "pretrained_model_name_or_path": "model_name_or_path",
+    "dataset": "dataset_name",
+    "split": "dataset_train_split",
+    "eval_split": "dataset_test_split",
+    "streaming": "dataset_streaming",
+    "revision_model": "model_revision",
+}
 
 
-class VipoArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` that reads `--config file.yaml` as defaults and names the closest valid field for an unknown
-    flag or YAML key."""
+def _hint(name: str, valid: set[str]) -> str:
+    if RENAMED.get(name) in valid:
+        return f" Did you mean {RENAMED[name]!r}?"
+    return did_you_mean(name, valid)
+
+
+class VipoArgumentParser(TrlParser):
+    """`trl.TrlParser` (YAML `--config` with an `env:` section, dataclass fields as flags) whose errors are one line
+    (`vipo-trl: error: ...`, exit status 2) naming the closest valid field for an unknown flag or YAML key."""
 
     def __init__(self, dataclass_types: list[type], prog: str | None = None):
         self.dataclass_types_ = list(dataclass_types)
-        super().__init__(self.dataclass_types_, prog=prog)
+        # No abbreviations: `--model` must not silently mean `--model_name_or_path` (or be "ambiguous").
+        super().__init__(self.dataclass_types_, prog=prog, allow_abbrev=False)
 
     def parse(self, argv: list[str]) -> tuple[Any, ...]:
         valid = _field_names(self.dataclass_types_)
         config_path = _find_config(argv)
-        if config_path:
-            try:
-                with open(config_path) as f:
-                    values = yaml.safe_load(f) or {}
-            except OSError as exc:
-                raise CliError(f"cannot read --config {config_path}: {exc}") from None
-            if not isinstance(values, dict):
-                raise CliError(f"{config_path} must hold a mapping of field: value.")
-            unknown = [k for k in values if k not in valid]
-            if unknown:
-                raise CliError(f"unknown key {unknown[0]!r} in {config_path}.{_suggest(unknown[0], valid)}")
-            self.set_defaults(**values)
+        if config_path is not None:
+            _check_config_file(config_path, valid)
+            argv = _config_as_separate_flag(argv)
         try:
-            *parsed, remaining = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        except ValueError as exc:  # a config field rejected its value (e.g. beta <= 0)
+            *parsed, from_file, from_flags = self.parse_args_and_config(
+                argv, return_remaining_strings=True, separate_remaining_strings=True
+            )
+        except (OSError, yaml.YAMLError) as exc:
+            raise CliError(f"cannot read --config {config_path}: {exc}".replace("\n", " ")) from None
+        except ValueError as exc:  # a field rejected its value (e.g. beta <= 0), or the file is not a mapping
             raise CliError(str(exc)) from None
-        if remaining:
-            flag = next((r for r in remaining if r.startswith("-")), remaining[0])
+        if from_file:
+            key = from_file[0].removeprefix("--")
+            raise CliError(f"unknown key {key!r} in {config_path}.{_hint(key, valid)}")
+        if from_flags:
+            flag = next((r for r in from_flags if r.startswith("-")), from_flags[0])
             name = flag.lstrip("-").split("=")[0].replace("-", "_")
-            raise CliError(f"unrecognized argument {flag!r}.{_suggest(name, valid)}")
+            raise CliError(f"unrecognized argument {flag!r}.{_hint(name, valid)}")
         return tuple(parsed)
 
 
 def _find_config(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise CliError("--config needs a path to a YAML file.")
             return argv[i + 1]
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _config_as_separate_flag(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for arg in argv:  # TrlParser reads `--config PATH` only
+        out += ["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg]
+    return out
+
+
+def _check_config_file(path: str, valid: set[str]) -> None:
+    """Read the YAML once up front, for errors that name the file (TrlParser's would be a traceback)."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except OSError as exc:
+        raise CliError(f"cannot read --config {path}: {exc.strerror or exc}.") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise CliError(f"--config {path} is not valid YAML{line}: {getattr(exc, 'problem', exc)}.") from None
+    if not isinstance(values, dict):
+        raise CliError(f"--config {path} must hold a mapping of field: value (and optionally env:), not {values!r}.")
+    env = values.get("env", {})
+    if not isinstance(env, dict):
+        raise CliError(f"--config {path}: `env` must be a mapping of VARIABLE: value.")

@@ -1,7 +1,9 @@
-"""Preference data: schemas, decoding of images and videos, the paired transform and the collator."""
+"""Preference data: schemas, decoding of images and videos, the paired transform, the collator, reading latent
+caches and loading datasets. Depends on no model or trainer module (it receives `DataOptions`)."""
 
-from .cache import LatentCacheCollator, LatentCacheDataset, build_latent_cache, is_latent_cache, read_manifest
+from .cache import LatentCacheCollator, LatentCacheDataset, is_latent_cache, read_manifest
 from .images import BAD_ROW_REASONS, BadRow, PreferenceDataError, decode_image, decode_media, paired_transform
+from .loading import load_preference_dataset
 from .preference import (
     PICKAPIC_COLUMNS,
     DataOptions,
@@ -10,6 +12,7 @@ from .preference import (
     PreferencePairs,
     StreamingPreferencePairs,
     load_pair,
+    pairs_from_options,
     preference_pairs,
     resolve_columns,
 )
@@ -30,14 +33,15 @@ __all__ = [
     "PreferencePairs",
     "StreamingPreferencePairs",
     "VIPO_CATEGORIES",
-    "build_latent_cache",
     "decode_image",
     "decode_media",
     "decode_video",
     "is_latent_cache",
     "load_pair",
+    "load_preference_dataset",
     "looks_like_video",
     "paired_transform",
+    "pairs_from_options",
     "preference_pairs",
     "read_manifest",
     "resolve_columns",

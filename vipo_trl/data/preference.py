@@ -3,6 +3,7 @@ generic prompt/chosen/rejected one."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -46,8 +47,16 @@ class PreferenceColumns:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """How rows become pairs (filled from `PolyDPOConfig`)."""
+    """How rows become pairs: schema and columns, preprocessing, bad-row policy (`PolyDPOConfig.data_options()`
+    fills it; the data layer reads nothing else)."""
 
+    dataset_schema: str = "auto"
+    prompt_column: str | None = None
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    category_column: str | None = None
+    resolution: int = 512
+    aspect_ratio_buckets: str | None = None  # as given: None, "auto" or "h,w;h,w"
     drop_ties: bool = True
     strict: bool = False
     seed: int = 0
@@ -373,12 +382,20 @@ def preference_pairs(
     return StreamingPreferencePairs(dataset, columns, options)
 
 
-def pairs_from_config(dataset: Any, args: Any, bucket_divisibility: int) -> PreferencePairs | StreamingPreferencePairs:
-    """The pairs of `dataset` as a `PolyDPOConfig` describes them: schema and columns, aspect-ratio buckets (sides
-    multiples of `bucket_divisibility`, the model's), ties, strictness and frame sampling."""
+def pairs_from_options(
+    dataset: Any, options: DataOptions, bucket_divisibility: int
+) -> PreferencePairs | StreamingPreferencePairs:
+    """The pairs of `dataset` as `options` describe them: schema and columns, aspect-ratio buckets (sides multiples
+    of `bucket_divisibility`, the model's), ties, strictness and frame sampling."""
     names = getattr(dataset, "column_names", None) or list(next(iter(dataset)).keys())  # a stream may declare none
     columns = resolve_columns(
-        names, args.dataset_schema, args.prompt_column, args.chosen_column, args.rejected_column, args.category_column
+        names,
+        options.dataset_schema,
+        options.prompt_column,
+        options.chosen_column,
+        options.rejected_column,
+        options.category_column,
     )
-    buckets = resolve_buckets(args.aspect_ratio_buckets, args.resolution, bucket_divisibility)
-    return preference_pairs(dataset, columns, args.data_options(buckets))
+    buckets = resolve_buckets(options.aspect_ratio_buckets, options.resolution, bucket_divisibility)
+    resolved = dataclasses.replace(options, buckets=tuple(map(tuple, buckets)) if buckets else None)
+    return preference_pairs(dataset, columns, resolved)

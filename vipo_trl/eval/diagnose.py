@@ -183,24 +183,23 @@ def summarize(
 def diagnose(
     dataset: Any,
     scorers: Sequence[str | RewardScorer],
-    config: Any = None,
+    options: Any = None,
     max_pairs: int | None = None,
     easy_relevance: float = 0.25,
     prompt_shuffles: int = 2,
     output_dir: str | Path | None = None,
     device: str | None = None,
 ) -> Diagnosis:
-    """Diagnose a preference set (any schema the trainer reads, resolved with `config`, a `PolyDPOConfig`).
+    """Diagnose a preference set (any schema the trainer reads, resolved with `options`, a
+    `vipo_trl.data.DataOptions`; `PolyDPOConfig.data_options()` gives the trainer's).
 
     Rows the trainer would skip (ties, undecodable images) are skipped here too. Writes `diagnosis.json`,
     `diagnosis.txt` and `diagnosis.png` to `output_dir` when given.
     """
-    from ..data.preference import pairs_from_config
-    from ..trainer import PolyDPOConfig
+    from ..data import DataOptions, pairs_from_options
 
-    config = config or PolyDPOConfig(output_dir="unused", report_to=[])
     scorers = resolve_scorers(scorers, **({"device": device} if device else {}))
-    pairs = pairs_from_config(dataset, config, 1)
+    pairs = pairs_from_options(dataset, options or DataOptions(), 1)
     chosen, rejected, prompts, categories = [], [], [], []
     skipped = 0
     for item in _decoded_pairs(pairs):
@@ -217,7 +216,7 @@ def diagnose(
         raise ValueError("the dataset has no usable pairs to diagnose (every row was a tie or unreadable).")
     has_categories = any(c is not None for c in categories)
     report = summarize(
-        pair_scores(scorers, chosen, rejected, prompts, prompt_shuffles, config.seed),
+        pair_scores(scorers, chosen, rejected, prompts, prompt_shuffles, options.seed if options else 0),
         categories if has_categories else None,
         easy_relevance,
     )

@@ -127,10 +127,9 @@ def load_prompts(source: str | None, column: str = "caption", limit: int | None 
         elif path.suffix == ".json":
             prompts = [str(p) for p in json.loads(path.read_text())]
         else:
-            from ..cli.main import load_preference_dataset
-            from ..cli.parser import ScriptArguments
+            from ..data import load_preference_dataset
 
-            dataset = load_preference_dataset(ScriptArguments(dataset=source))
+            dataset = load_preference_dataset(source)
             if column not in dataset.column_names:
                 raise ValueError(
                     f"{source} has no column {column!r} (columns: {dataset.column_names}); set --prompt_column."

@@ -95,7 +95,7 @@ class PolyDPOConfig(TrainingArguments):
             Frame rate videos are resampled to before taking `num_frames` frames (Wan2.1 was trained at 16 fps).
             `None` keeps the file's own rate.
         cache_dtype (`str`, *optional*, defaults to `"float32"`):
-            Dtype of the tensors a latent cache stores (`vipo_trl.data.build_latent_cache`). `"float32"` keeps the
+            Dtype of the tensors a latent cache stores (`vipo_trl.build_latent_cache`). `"float32"` keeps the
             cache exact; `"bfloat16"` or `"float16"` halve its size.
         drop_ties (`bool`, *optional*, defaults to `True`):
             Drop Pick-a-Pic pairs whose labels tie (about 12% of Pick-a-Pic v2), logging how many. With `False`, a
@@ -337,10 +337,16 @@ class PolyDPOConfig(TrainingArguments):
             max_sequence_length=self.max_sequence_length,
         )
 
-    def data_options(self, buckets: list[tuple[int, int]] | None = None) -> DataOptions:
-        """The fields the preference datasets read (`buckets`: resolved from `aspect_ratio_buckets` for a model)."""
+    def data_options(self) -> DataOptions:
+        """The fields the data layer reads."""
         return DataOptions(
-            buckets=tuple(map(tuple, buckets)) if buckets else None,
+            dataset_schema=self.dataset_schema,
+            prompt_column=self.prompt_column,
+            chosen_column=self.chosen_column,
+            rejected_column=self.rejected_column,
+            category_column=self.category_column,
+            resolution=self.resolution,
+            aspect_ratio_buckets=self.aspect_ratio_buckets,
             drop_ties=self.drop_ties,
             strict=self.strict_data,
             seed=self.seed,

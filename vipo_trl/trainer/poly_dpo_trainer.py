@@ -32,14 +32,14 @@ from ..data import (
     PreferencePairs,
     StreamingPreferencePairs,
     is_latent_cache,
+    pairs_from_options,
 )
-from ..data.cache import cache_settings
-from ..data.preference import pairs_from_config
 from ..data.sampling import BucketSampler
 from ..losses import DenoisingErrors, get_loss, implicit_rewards
 from ..models import DiffusionFamily, family_from_pipeline, load_family
 from ..models.base import LORA_WEIGHT_NAME, randn_like_rows
 from ..utils import stable_seed
+from .cache_builder import cache_settings
 from .model_card import build_model_card
 from .poly_dpo_config import PolyDPOConfig
 
@@ -179,7 +179,7 @@ class PolyDPOTrainer(Trainer):
         self.skipped_rows: Counter[str] = Counter()  # bad rows passed over in training, by reason
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
         self._nonfinite_since_log = 0
-        #: Recorded in the model card; the command line sets it from --dataset.
+        #: Recorded in the model card; the command line sets it from --dataset_name.
         self.dataset_name: str | None = _dataset_name(train_dataset)
         self._skipped_since_log: Counter[str] = Counter()
 
@@ -233,9 +233,9 @@ class PolyDPOTrainer(Trainer):
         if isinstance(dataset, (str, os.PathLike)):
             raise PreferenceDataError(
                 f"{dataset} is not a latent cache folder; pass a datasets.Dataset, or build a cache with "
-                "vipo_trl.data.build_latent_cache."
+                "vipo_trl.build_latent_cache."
             )
-        pairs = pairs_from_config(dataset, args, self.family.bucket_divisibility)
+        pairs = pairs_from_options(dataset, args.data_options(), self.family.bucket_divisibility)
         if args.aspect_ratio_buckets and isinstance(pairs, StreamingPreferencePairs):
             raise PreferenceDataError(
                 "aspect_ratio_buckets needs to know each pair's bucket before batching, which a streaming dataset "
@@ -254,7 +254,7 @@ class PolyDPOTrainer(Trainer):
         if wrong:
             raise PreferenceDataError(
                 f"The latent cache {cache.path} was made for another model or preprocessing ({'; '.join(wrong)}). "
-                "Rebuild it for this model with vipo_trl.data.build_latent_cache, or train on the raw dataset."
+                "Rebuild it for this model with vipo_trl.build_latent_cache, or train on the raw dataset."
             )
         for key in ("center_crop", "random_flip", "seed"):
             if found.get(key) != expected[key]:
