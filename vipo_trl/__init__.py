@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0.dev0"
+from ._version import __version__
 
 # Imported on first use, so `vipo-trl --help` and `import vipo_trl` do not pay for torch, diffusers and transformers.
 _EXPORTS = {

@@ -185,7 +185,7 @@ def env(argv: list[str]) -> None:
 
     import torch
 
-    from .. import __version__
+    from .._version import __version__
 
     lines = {"vipo-trl": __version__, "python": platform.python_version(), "platform": platform.platform()}
     for package in ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "av"):

@@ -67,7 +67,7 @@ def loading_snippet(pipeline_class: str, base_model: str, repo_id: str, is_lora:
 
 def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None) -> ModelCard:
     """A `huggingface_hub.ModelCard` describing how `trainer` produced its model."""
-    from .. import __version__
+    from .._version import __version__
 
     args, family = trainer.args, trainer.family
     base_model = family.name_or_path or "<base model>"
