@@ -153,8 +153,7 @@ def diagnose(argv: list[str]) -> None:
         kind = args.dataset_name.split(":", 1)[1]
         if kind not in KINDS:
             raise CliError(
-                f"--dataset_name {args.dataset_name}: the embedded sets are "
-                f"{', '.join('default:' + k for k in KINDS)}."
+                f"--dataset_name {args.dataset_name}: the embedded sets are {', '.join('default:' + k for k in KINDS)}."
             )
         dataset, _ = make_preference_set(kind, load_default_pipeline(), seed=args.seed)
         scorers = args.scorers or ["shapes"]

@@ -11,9 +11,7 @@ from .cache import is_latent_cache
 DATA_FILE_BUILDERS = {"parquet": "parquet", "json": "json", "jsonl": "json", "csv": "csv", "arrow": "arrow"}
 
 
-def load_preference_dataset(
-    name: str, config: str | None = None, split: str = "train", streaming: bool = False
-) -> Any:
+def load_preference_dataset(name: str, config: str | None = None, split: str = "train", streaming: bool = False) -> Any:
     """A `datasets.Dataset` (or `IterableDataset` with `streaming`) from a hub id, a `save_to_disk` folder or a
     parquet/json/jsonl/csv/arrow file; a latent cache folder is returned as its path (the trainer reads it)."""
     from datasets import load_dataset, load_from_disk

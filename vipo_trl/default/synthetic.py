@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from datasets import Dataset
 from PIL import Image
 
+from ..models.generation import generate_images
 from .shapes import ALL_SCENES, COLORS, SHAPES, Scene, attribute_scores
 
 KINDS = ("clean", "noisy", "easy")
@@ -20,20 +20,14 @@ KINDS = ("clean", "noisy", "easy")
 def generate(
     pipe: Any, prompts: list[str], seeds: list[int], guidance_scale: float = 4.0, steps: int = 20, batch: int = 48
 ) -> list[Image.Image]:
-    """One image per (prompt, seed), with DDIM sampling."""
+    """One image per (prompt, seed), with DDIM sampling (the embedded model's sampler)."""
     from diffusers import DDIMScheduler
 
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for start in range(0, len(prompts), batch):
-        chunk = slice(start, start + batch)
-        generators = [torch.Generator().manual_seed(s) for s in seeds[chunk]]
-        images += pipe(
-            prompts[chunk], num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators
-        ).images
-    return images
+    return generate_images(
+        pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=guidance_scale, batch_size=batch
+    )
 
 
 def _confused(prompt: str, rng: np.random.Generator) -> str:

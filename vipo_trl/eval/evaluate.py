@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
+from ..models.generation import generate_images
 from .scorers import RewardScorer, get_scorer
 from .stats import WinRate, win_rate
 
@@ -76,33 +77,6 @@ class EvalResult:
             rate = str(self.win_rates[name]) if name in self.win_rates else "-"
             lines.append(f"| {name} | {self.mean(name, 'base'):.4f} | {aligned} | {rate} |")
         return "\n".join(lines)
-
-
-def generate_images(
-    pipe: Any,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    num_inference_steps: int = 30,
-    guidance_scale: float = 7.5,
-    batch_size: int = 8,
-) -> list[Image.Image]:
-    """One image per (prompt, seed); each image's noise comes from its own seeded generator, so base and aligned
-    pipelines start from the same noise."""
-    pipe.set_progress_bar_config(disable=True)
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, start + batch_size)
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
-        out = pipe(
-            list(prompts[chunk]),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-        )
-        if not hasattr(out, "images"):
-            raise ValueError(f"{type(pipe).__name__} does not return images; eval scores text-to-image pipelines.")
-        images += out.images
-    return images
 
 
 def score_all(

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.configuration_utils import FrozenDict
+from diffusers.utils.torch_utils import randn_tensor
 from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -106,7 +108,7 @@ class DiffusionFamily(ABC):
             kwargs.update({name: None for name in (*cls.frozen_component_names, *cls.tokenizer_names)})
             vae_class = cls.pipeline_class._get_signature_types()["vae"][0]
             vae_config = vae_class.load_config(name_or_path, subfolder="vae", revision=revision)
-            vae_config = FrozenConfig(vae_config)
+            vae_config = FrozenDict(vae_config)
         pipeline = cls.pipeline_class.from_pretrained(
             name_or_path, revision=revision, variant=variant, dtype=dtype, **kwargs
         )
@@ -268,19 +270,10 @@ class DiffusionFamily(ABC):
         return {"family": type(self).__name__, "pipeline": self.pipeline_class.__name__}
 
 
-class FrozenConfig(dict):
-    """A config dict readable by attribute, like a diffusers model's `config`."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
 def randn_like_rows(reference: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """Standard normal noise of `reference`'s shape, row `i` drawn on the CPU from `generators[i]`."""
+    """Standard normal noise of `reference`'s shape, row `i` drawn on the CPU from `generators[i]` (diffusers'
+    `randn_tensor` with one generator per row), so a row's noise depends on its own seed only."""
     if len(generators) != reference.shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {reference.shape[0]}")
-    rows = [torch.randn(reference.shape[1:], generator=g) for g in generators]
-    return torch.stack(rows).to(reference.device, reference.dtype)
+    noise = randn_tensor(reference.shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+    return noise.to(reference.device, reference.dtype)

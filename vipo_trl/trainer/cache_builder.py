@@ -172,5 +172,3 @@ def encode_for_cache(family: Any, batch: dict[str, Any], dtype: torch.dtype) -> 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(set(old) | set(new))
     return ", ".join(f"{k}: cache {old.get(k)!r} vs now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
-
-
