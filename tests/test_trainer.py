@@ -491,3 +491,20 @@ def test_a_save_that_fails_halfway_leaves_the_previous_save_whole(tmp_path, tiny
     after = load_file(weights)  # still the previous save, whole
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not [p for p in os.listdir(out) if p.startswith(".saving-")]  # no scratch folder left behind
+
+
+def test_every_checkpoint_refreshes_the_model_card(tmp_path, tiny_sd_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class ReadCard(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen.append((state.global_step, (tmp_path / "out" / "README.md").read_text()))
+
+    args = config(tmp_path, save_strategy="steps", save_steps=1, max_steps=2)
+    trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=lora(), callbacks=[ReadCard()])
+    trainer.train()
+    assert [step for step, _ in seen] == [1, 2]
+    for step, card in seen:
+        assert f"| steps | {step} |" in card and "| beta (resolved) | 2000.0 |" in card

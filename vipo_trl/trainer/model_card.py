@@ -45,7 +45,98 @@ Base model (top) and this model (bottom), same prompts and seeds:
 ![samples]({{ grid }})
 {% endif %}
 Trained with vipo-trl {{ version }} (`PolyDPOTrainer`).
-"""
+
+### Framework versions
+
+{% for name, value in versions.items() %}- {{ name }}: {{ value }}
+{% endfor %}
+## Citations
+
+{% for name, bibtex in citations.items() %}Cite {{ name }} as:
+
+```bibtex
+{{ bibtex }}
+```
+
+{% endfor %}"""
+
+#: BibTeX of each built-in loss's method (a card cites the losses its run used), and of TRL, whose conventions and
+#: parser vipo-trl builds on, as TRL's own cards cite it.
+CITATIONS = {
+    "poly_dpo": """@inproceedings{vipo2026,
+    title     = {{ViPO: Visual Preference Optimization at Scale}},
+    author    = {Li and Wu and Cui and Li and Wang and Chen},
+    booktitle = {International Conference on Learning Representations (ICLR)},
+    year      = {2026},
+    eprint    = {2604.24953},
+    archivePrefix = {arXiv}
+}""",
+    "diffusion_dpo": """@inproceedings{wallace2024diffusiondpo,
+    title     = {{Diffusion Model Alignment Using Direct Preference Optimization}},
+    author    = {Wallace, Bram and Dang, Meihua and Rafailov, Rafael and Zhou, Linqi and Lou, Aaron and
+                 Purushwalkam, Senthil and Ermon, Stefano and Xiong, Caiming and Joty, Shafiq and Naik, Nikhil},
+    booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+    year      = {2024},
+    eprint    = {2311.12908},
+    archivePrefix = {arXiv}
+}""",
+    "mapo": """@misc{hong2024mapo,
+    title  = {{Margin-aware Preference Optimization for Aligning Diffusion Models without Reference}},
+    author = {Hong, Jiwoo and Paul, Sayak and Lee, Noah and Rasul, Kashif and Thorne, James and Jeong, Jongheon},
+    year   = {2024},
+    eprint = {2406.06424},
+    archivePrefix = {arXiv}
+}""",
+    "kto": """@inproceedings{li2024diffusionkto,
+    title     = {{Aligning Diffusion Models by Optimizing Human Utility}},
+    author    = {Li, Shufan and Kallidromitis, Konstantinos and Gokul, Akash and Kato, Yusuke and Kozuka, Kazuki},
+    booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+    year      = {2024}
+}""",
+    "TRL": r"""@misc{vonwerra2022trl,
+    title        = {{TRL: Transformer Reinforcement Learning}},
+    author       = {Leandro von Werra and Younes Belkada and Lewis Tunstall and Edward Beeching and Tristan Thrush
+                    and Nathan Lambert and Shengyi Huang and Kashif Rasul and Quentin Gallou{\'e}dec},
+    year         = {2020},
+    journal      = {GitHub repository},
+    publisher    = {GitHub},
+    howpublished = {\url{https://github.com/huggingface/trl}}
+}""",
+}
+CITATIONS["dpo"] = CITATIONS["hinge"] = CITATIONS["ipo"] = CITATIONS["diffusion_dpo"]
+METHOD_NAMES = {
+    "poly_dpo": "Poly-DPO",
+    "diffusion_dpo": "Diffusion-DPO",
+    "dpo": "Diffusion-DPO",
+    "mapo": "MaPO",
+    "kto": "Diffusion-KTO",
+    "hinge": "Diffusion-DPO",
+    "ipo": "Diffusion-DPO",
+}
+FRAMEWORKS = ("vipo-trl", "trl", "diffusers", "transformers", "peft", "torch", "datasets")
+
+
+def framework_versions() -> dict[str, str]:
+    """Installed versions of the libraries a run depends on, as TRL's cards list them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in FRAMEWORKS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def citations(loss_types: list[str]) -> dict[str, str]:
+    """Method name -> BibTeX for the losses used (each once), then TRL."""
+    out = {}
+    for name in loss_types:
+        if name in CITATIONS:
+            out.setdefault(METHOD_NAMES.get(name, name), CITATIONS[name])
+    out["TRL"] = CITATIONS["TRL"]
+    return out
 
 
 def loading_snippet(pipeline_class: str, base_model: str, repo_id: str, is_lora: bool, denoiser_name: str) -> str:
@@ -124,4 +215,6 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
         metrics=metrics,
         grid=grid,
         version=__version__,
+        versions=framework_versions(),
+        citations=citations(list(args.loss_type)),
     )

@@ -571,7 +571,17 @@ class PolyDPOTrainer(Trainer):
             return
         repo_id = self.hub_model_id or model_name or os.path.basename(os.path.abspath(self.args.output_dir))
         card = build_model_card(self, repo_id, dataset_name or self.dataset_name)
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        path = os.path.join(self.args.output_dir, "README.md")
+        with tempfile.NamedTemporaryFile("w", dir=self.args.output_dir, suffix=".tmp", delete=False) as f:
+            f.write(str(card))
+        os.replace(f.name, path)  # a card is replaced whole, never half-written
+
+    def _save_checkpoint(self, model, trial):
+        # As TRL's trainers do: refresh the card in output_dir with every checkpoint, so a checkpoint pushed with
+        # hub_strategy="checkpoint" or "every_save" carries a card that describes it.
+        self.create_model_card(model_name=(self.args.hub_model_id or "").split("/")[-1] or None)
+        return super()._save_checkpoint(model, trial)
 
 
 class _PreferenceDataCallback(TrainerCallback):
