@@ -5,7 +5,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import png_bytes
 from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
@@ -13,6 +12,7 @@ from PIL import Image
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer, build_latent_cache
 from vipo_trl.data import LatentCacheDataset, paired_transform, read_manifest
 from vipo_trl.data.sampling import BucketSampler, nearest_bucket, resolve_buckets
+from vipo_trl.testing import png_bytes
 
 BUCKETS = "64,64;64,128;128,64"
 

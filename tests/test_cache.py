@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import pickapic_dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
 
 import vipo_trl.trainer.cache_builder as cache_module
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer, build_latent_cache
 from vipo_trl.data import LatentCacheDataset, PreferenceDataError, read_manifest
+from vipo_trl.testing import pickapic_dataset
 
 
 def config(tmp_path, **kw):

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import pickapic_dataset
 
 from vipo_trl.cli import main
+from vipo_trl.testing import pickapic_dataset
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from conftest import pickapic_dataset, png_bytes
 from datasets import Dataset
 from PIL import Image
 
@@ -16,6 +15,7 @@ from vipo_trl.data import (
     paired_transform,
     resolve_columns,
 )
+from vipo_trl.testing import pickapic_dataset, png_bytes
 
 
 def pairs(ds, **kw):

@@ -4,12 +4,12 @@ save_pretrained and loaded by path; the LoRA loads into the family's official pi
 import numpy as np
 import pytest
 import torch
-from conftest import pickapic_dataset
 from families import FAMILIES, Family
 from peft import LoraConfig
 
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer
 from vipo_trl.models import StableDiffusion3Family, load_family
+from vipo_trl.testing import pickapic_dataset
 
 BY_NAME = {f.name: f for f in FAMILIES}
 

@@ -4,12 +4,12 @@ import logging
 
 import pytest
 import yaml
-from conftest import pickapic_dataset
 from fake_hub import FakeHub
 from peft import LoraConfig
 from safetensors.torch import load
 
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer
+from vipo_trl.testing import pickapic_dataset
 
 TOKEN = "hf_vipo_secret_token_1234567890"
 

@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import pickapic_dataset
 from peft import LoraConfig
 
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer
 from vipo_trl.losses import implicit_rewards
+from vipo_trl.testing import pickapic_dataset
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
