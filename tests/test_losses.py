@@ -117,6 +117,32 @@ def test_kto_reference_point_is_clamped_at_zero_and_weighted():
     assert get_loss("kto")(errors, cfg).loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_kto_with_a_positive_reference_point_by_literal_value():
+    # beta 20: rewards r_w = [3, 1], r_l = [-1, 2], so z = mean = 1.25 > 0 and it matters:
+    # mean(1 - s(3 - z), 1 - s(1 - z), 1 - s(z + 1), 1 - s(z - 2)) = 0.371188 (0.366526 if z were dropped).
+    cfg = SimpleNamespace(beta=20.0, kto_desirable_weight=1.0, kto_undesirable_weight=1.0)
+    errors = DenoisingErrors(
+        policy_chosen=torch.tensor([0.1, 0.3], dtype=torch.float64),
+        policy_rejected=torch.tensor([0.5, 0.2], dtype=torch.float64),
+        ref_chosen=torch.tensor([0.4, 0.4], dtype=torch.float64),
+        ref_rejected=torch.tensor([0.4, 0.4], dtype=torch.float64),
+    )
+    out = get_loss("kto")(errors, cfg)
+    assert out.metrics["kto/reference_point"].item() == pytest.approx(1.25)
+    assert out.loss.item() == pytest.approx(0.371188, abs=1e-6)
+
+
+def test_mapo_in_its_unsaturated_range_by_literal_value():
+    # Errors 0.004 apart: the x1000 log-odds are 0.983 and -0.713, where logsigmoid is far from min(x, 0).
+    # mean(e_w) - 0.1 * mean(logsigmoid(x)) = 0.271478 (min(x, 0) instead would give 0.235636).
+    errors = DenoisingErrors(
+        torch.tensor([0.100, 0.300], dtype=torch.float64), torch.tensor([0.104, 0.297], dtype=torch.float64)
+    )
+    out = get_loss("mapo")(errors, CFG)
+    assert out.loss.item() == pytest.approx(0.271478, abs=1e-6)
+    assert out.metrics["mapo/accuracies"].item() == 0.5
+
+
 def test_sft_uses_chosen_only():
     out = get_loss("sft")(DenoisingErrors(torch.tensor([0.2, 0.4]), torch.tensor([9.0, 9.0])), CFG)
     assert out.loss.item() == pytest.approx(0.3)
