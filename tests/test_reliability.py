@@ -29,6 +29,10 @@ def losses(out):
     return {int(k): v for k, v in json.loads(Path(out, "losses.json").read_text()).items()}
 
 
+def run_facts(out):
+    return json.loads(Path(out, "run.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_sd_path):
     out = tmp_path_factory.mktemp("full")
@@ -42,6 +46,7 @@ def test_sigkill_mid_training_then_resume_matches_the_uninterrupted_run(tmp_path
     assert killed.returncode == -9  # really killed, no clean-up
     assert (tmp_path / "checkpoint-4").is_dir() and not (tmp_path / "final-rank0.safetensors").exists()
     run("--model", tiny_sd_path, "--out", tmp_path, "--resume")
+    assert run_facts(tmp_path)["executed_steps"] == [5, 6]  # resumed after checkpoint-4, not restarted
     expected, got = final_state(uninterrupted), final_state(tmp_path)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key])
@@ -58,6 +63,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, tin
     assert (tmp_path / "checkpoint-4").is_dir() and not (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
     assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
     run("--model", tiny_sd_path, "--out", tmp_path, "--resume")
+    assert run_facts(tmp_path)["executed_steps"] == [3, 4, 5, 6]  # from the last complete checkpoint
     expected, got = final_state(uninterrupted), final_state(tmp_path)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key])
@@ -76,6 +82,14 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, tiny
     launch += ["--save_steps", "100"]
     result = subprocess.run(launch, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert run_facts(two)["world_size"] == 2 and run_facts(one)["world_size"] == 1
+    # Step 1 (before Adam and rounding compound): the all-reduced gradient of 2 x 2 pairs is the gradient of the
+    # same 4 pairs in one process.
+    grads_one = load_file(os.path.join(one, "first-step-grads-rank0.safetensors"))
+    grads_two = load_file(os.path.join(two, "first-step-grads-rank0.safetensors"))
+    assert grads_one.keys() == grads_two.keys() and len(grads_one) > 0
+    for key in grads_one:
+        torch.testing.assert_close(grads_two[key], grads_one[key], rtol=1e-4, atol=1e-8)
     rank0, rank1, single = final_state(two, 0), final_state(two, 1), final_state(one, 0)
     # Same rows, same noise per row, gradients averaged: the same losses...
     for step, value in losses(one).items():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer
 from vipo_trl.losses import implicit_rewards
@@ -39,6 +40,16 @@ def lora(r=4):
 
 def one_batch(trainer):
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+class StepRecorder(TrainerCallback):
+    """The optimizer steps a run executes (1-based): a resume must run only the remaining ones."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step + 1)
 
 
 def count_forwards(module):
@@ -329,16 +340,18 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_sd_path):
             random_flip=True,
             poly_alpha=0.5,
         )
-        trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(6), peft_config=lora())
+        recorder = StepRecorder()
+        trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(6), peft_config=lora(), callbacks=[recorder])
         trainer.train(resume_from_checkpoint=resume)
         lora_state = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
-        return lora_state, losses
+        return lora_state, losses, recorder.steps
 
-    full_state, full_losses = run(tmp_path / "full")
+    full_state, full_losses, full_steps = run(tmp_path / "full")
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert (checkpoint / "pytorch_lora_weights.safetensors").is_file()
-    resumed_state, resumed_losses = run(tmp_path / "resumed", resume=str(checkpoint))
+    resumed_state, resumed_losses, resumed_steps = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert full_steps == [1, 2, 3, 4] and resumed_steps == [3, 4]  # resumed, not restarted
     for k in full_state:
         torch.testing.assert_close(resumed_state[k], full_state[k])
     assert resumed_losses[3] == pytest.approx(full_losses[3]) and resumed_losses[4] == pytest.approx(full_losses[4])
@@ -346,14 +359,18 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_sd_path):
 
 @pytest.mark.slow
 def test_resumed_full_finetune_matches(tmp_path, tiny_sd_path):
+    recorder = StepRecorder()
+
     def run(out, resume=None):
         args = config(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=2)
-        trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(6))
+        trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(6), callbacks=[recorder])
+        recorder.steps.clear()
         trainer.train(resume_from_checkpoint=resume)
         return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
     full = run(tmp_path / "full")
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
+    assert recorder.steps == [3, 4]  # resumed, not restarted
     for k in full:
         torch.testing.assert_close(resumed[k], full[k])
 

@@ -1,5 +1,6 @@
-"""A small LoRA Poly-DPO run for the process-level tests (kill-and-resume, multi-process): writes the final LoRA
-weights of this rank and the logged losses to --out."""
+"""A small LoRA Poly-DPO run for the process-level tests (kill-and-resume, multi-process): writes to --out the final
+LoRA weights and first-step gradients of this rank, the logged losses, the steps this process executed and the world
+size."""
 
 from __future__ import annotations
 
@@ -26,6 +27,24 @@ class KillAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Record(TrainerCallback):
+    """What the run did, for the tests to check: the steps it executed (a resume must run only the remaining ones),
+    the world size, and the LoRA gradients of its first optimizer step (after DDP's all-reduce)."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.first_grads: dict[str, torch.Tensor] | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step + 1)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.first_grads is None and model is not None:
+            self.first_grads = {
+                n: p.grad.detach().clone().contiguous() for n, p in model.named_parameters() if p.grad is not None
+            }
 
 
 def main() -> None:
@@ -58,6 +77,8 @@ def main() -> None:
     )
     lora = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian")
     trainer = PolyDPOTrainer(args.model, config, pickapic_dataset(12), peft_config=lora)
+    record = Record()
+    trainer.add_callback(record)
     if args.kill_at:
         trainer.add_callback(KillAt(args.kill_at))
     if args.kill_while_saving:
@@ -73,10 +94,14 @@ def main() -> None:
     rank = trainer.args.process_index
     state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items() if "lora_" in k}
     save_file(state, os.path.join(args.out, f"final-rank{rank}.safetensors"))
+    save_file(record.first_grads or {}, os.path.join(args.out, f"first-step-grads-rank{rank}.safetensors"))
     if rank == 0:
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
         with open(os.path.join(args.out, "losses.json"), "w") as f:
             json.dump(losses, f)
+        run = {"executed_steps": record.steps, "world_size": trainer.args.world_size}
+        with open(os.path.join(args.out, "run.json"), "w") as f:
+            json.dump(run, f)
     torch.distributed.barrier() if torch.distributed.is_initialized() else None
 
 
