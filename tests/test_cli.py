@@ -180,7 +180,10 @@ def test_the_command_runs_unchanged_under_accelerate_launch(tmp_path, tiny_sd_pa
         "--lora_r",
         "4",
     ]
+    command += ["--log_level", "info"]  # Trainer then states the global batch, which counts the processes
     result = subprocess.run([*launch, *command, *common(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Two ranks of 2 pairs each: a global batch of 4 (one process would say 2).
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in result.stdout + result.stderr
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
     assert saved_config(tmp_path)["per_device_train_batch_size"] == 2
