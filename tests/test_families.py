@@ -61,7 +61,8 @@ def generate(pipe, family: Family):
 def test_lora_steps_and_official_pipeline_load(tmp_path, family_paths, name):
     family = BY_NAME[name]
     path = family_paths[name]
-    lora = LoraConfig(r=4, lora_alpha=4, target_modules=family.lora_targets, init_lora_weights="gaussian")
+    # lora_alpha = 2r: the saved scaling (2.0) must survive the round trip, not default to 1.
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=family.lora_targets, init_lora_weights="gaussian")
     trainer = PolyDPOTrainer(path, make_config(tmp_path, family), family.dataset(4), peft_config=lora)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
@@ -75,6 +76,17 @@ def test_lora_steps_and_official_pipeline_load(tmp_path, family_paths, name):
     pipe = trainer.family.pipeline_class.from_pretrained(path)
     base = generate(pipe, family)
     pipe.load_lora_weights(trainer.args.output_dir)
+    # Every trained LoRA weight arrives, under the same module, with the same value and scaling (diffusers only
+    # warns about keys it cannot place, so a partial or mis-keyed load would otherwise pass).
+    network = getattr(pipe, trainer.family.denoiser_name)
+    (adapter,) = network.peft_config
+    trained = {n.replace(".default.", "."): p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    loaded = {n.replace(f".{adapter}.", "."): p for n, p in network.named_parameters() if "lora_" in n}
+    assert loaded.keys() == trained.keys() and len(trained) > 0
+    for key in trained:
+        torch.testing.assert_close(loaded[key], trained[key].to(loaded[key].dtype), msg=key)
+    scalings = {m.scaling[adapter] for m in network.modules() if adapter in getattr(m, "scaling", {})}
+    assert scalings == {2.0}
     assert np.abs(generate(pipe, family) - base).max() > 1e-4
 
 
