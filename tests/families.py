@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from vipo_trl.testing import (  # noqa: F401  (re-exported)
     flux_pipeline,
     pickapic_dataset,
@@ -56,3 +58,15 @@ FAMILIES = [
         config_overrides={"max_sequence_length": 8},
     ),
 ]
+
+
+def assert_every_lora_b_moved(model, before):
+    """After training, every LoRA B matrix (zero at the start) has moved: the loss reached all of them."""
+    after = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert after and all(not torch.equal(before[n], p) for n, p in after.items()), [
+        n for n, p in after.items() if torch.equal(before[n], p)
+    ]
+
+
+def lora_b(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}

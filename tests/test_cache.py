@@ -135,7 +135,7 @@ def test_a_streaming_dataset_caches_like_the_map_style_one(tmp_path, tiny_sd_pat
 
 
 def test_cache_of_a_flow_family_with_pooled_embeddings(tmp_path):
-    from families import FAMILIES
+    from families import FAMILIES, assert_every_lora_b_moved, lora_b
 
     family = next(f for f in FAMILIES if f.name == "sd3")
     family.build().save_pretrained(tmp_path / "sd3")
@@ -144,6 +144,8 @@ def test_cache_of_a_flow_family_with_pooled_embeddings(tmp_path):
     assert read_manifest(cache)["conditioning_keys"] == ["encoder_hidden_states", "pooled_projections"]
     trainer = PolyDPOTrainer(str(tmp_path / "sd3"), args, cache, peft_config=lora())
     assert trainer.family.pipeline.text_encoder_3 is None and trainer.family.pipeline.vae is None
+    before = lora_b(trainer.model)
     trainer.train()
     assert all(np.isfinite(losses(trainer)))
+    assert_every_lora_b_moved(trainer.model, before)
     assert json.loads(json.dumps(read_manifest(cache)))["settings"]["max_sequence_length"] == 8

@@ -4,7 +4,7 @@ save_pretrained and loaded by path; the LoRA loads into the family's official pi
 import numpy as np
 import pytest
 import torch
-from families import FAMILIES, Family
+from families import FAMILIES, Family, assert_every_lora_b_moved, lora_b
 from peft import LoraConfig
 
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer
@@ -167,8 +167,10 @@ def test_sd3_can_drop_t5(tmp_path, family_paths):
     trainer = PolyDPOTrainer(family_paths["sd3"], args, pickapic_dataset(2), peft_config=lora)
     assert trainer.family.pipeline.text_encoder_3 is None
     assert "text_encoder_3" not in trainer.family.frozen_modules
+    before = lora_b(trainer.model)
     trainer.train()
     assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
+    assert_every_lora_b_moved(trainer.model, before)
 
 
 def test_flux_guidance_is_fed_to_a_guidance_distilled_transformer(tmp_path, family_paths):

@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 from datasets import Dataset
-from families import FAMILIES
+from families import FAMILIES, assert_every_lora_b_moved, lora_b
 from peft import LoraConfig
 
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer
@@ -95,5 +95,7 @@ def test_wan_trains_on_mp4_pairs(tmp_path):
     trainer = PolyDPOTrainer(str(tmp_path / "wan"), args, ds, peft_config=lora)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["pixel_values_chosen"].shape == (2, 3, 9, 16, 16)
+    before = lora_b(trainer.model)
     trainer.train()
     assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    assert_every_lora_b_moved(trainer.model, before)
