@@ -44,8 +44,13 @@ def test_shipped_model_loads_and_generates(base):
     assert isinstance(load_family(str(MODEL_DIR)), StableDiffusionFamily)  # the same path as a real checkpoint
     from vipo_trl.default import generate
 
-    images = generate(base, [s.prompt for s in ALL_SCENES[:4]], [0, 1, 2, 3])
+    prompts = [s.prompt for s in ALL_SCENES[::4]]  # 12 scenes: every colour, shape and position
+    images = generate(base, prompts, list(range(len(prompts))))
     assert all(im.size == (32, 32) for im in images)
+    # It draws what it is asked (colour and shape right, position often): documented 0.82 on 96 held-out samples;
+    # blank or wrong images score 0.
+    scores = np.array([attribute_scores(im, p) for im, p in zip(images, prompts)])
+    assert scores.mean() > 0.65 and scores[:, 0].mean() > 0.9 and scores[:, 1].mean() > 0.9, scores.mean(axis=0)
 
 
 @pytest.mark.slow

@@ -478,9 +478,17 @@ def test_eval_scores_base_and_lora_on_the_same_seeds_and_writes_its_report(tmp_p
     assert again.base_scores == result.base_scores and not again.win_rates
     grid = Image.open(tmp_path / "eval" / "grid.png")
     assert grid.size == (6 * 256, 2 * 256)
+    assert_rows_differ(grid, 256)  # the bottom row was generated with the LoRA applied
     assert (tmp_path / "eval" / "scores.png").exists() and "| shapes |" in (
         tmp_path / "eval" / "results.md"
     ).read_text()
+
+
+def assert_rows_differ(grid, row_height):
+    """The grid's base row (top) and aligned row (bottom) are different images: the LoRA reached the pipeline."""
+    pixels = np.asarray(grid.convert("RGB"), dtype=np.int16)
+    top, bottom = pixels[:row_height], pixels[row_height : 2 * row_height]
+    assert top.shape == bottom.shape and np.abs(top - bottom).mean() > 5, np.abs(top - bottom).mean()
 
 
 @pytest.fixture
@@ -511,7 +519,7 @@ def test_eval_command_on_the_embedded_model(tmp_path, shapes_lora, capsys):
     assert "4 images per model (2 prompts x 2 seeds)" in printed and "| shapes |" in printed
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["base_scores"]["shapes"]) == len(saved["aligned_scores"]["shapes"]) == 4
-    assert (out / "grid.png").exists()
+    assert_rows_differ(Image.open(out / "grid.png"), Image.open(out / "grid.png").height // 2)  # --lora applied
     with pytest.raises(SystemExit):
         main(["eval", "--scorers", "pickscor", "--num_prompts", "1", "--output_dir", str(out)])
     assert "Did you mean 'pickscore'" in capsys.readouterr().err
