@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from typing import Any
 
+from ..utils import did_you_mean
 from .parser import CacheArguments, CliError, DiagnoseArguments, EvalArguments, VipoArgumentParser
 
 USAGE = """usage: vipo-trl <command> [flags]
@@ -23,7 +25,12 @@ commands:
 def _load_dataset(script: Any, split: str) -> Any:
     from ..data import load_preference_dataset
 
-    return load_preference_dataset(script.dataset_name, script.dataset_config, split, script.dataset_streaming)
+    try:
+        return load_preference_dataset(script.dataset_name, script.dataset_config, split, script.dataset_streaming)
+    except (ValueError, OSError, StopIteration, IndexError) as exc:
+        # e.g. an empty or malformed data file, which `datasets` reports from deep inside Arrow
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"--dataset_name {script.dataset_name} (split {split}): cannot read it: {message}") from None
 
 
 def _trainer_inputs(model_args: Any, config: Any) -> tuple[Any, Any]:
@@ -49,6 +56,7 @@ def train(argv: list[str]) -> None:
     from trl import ModelConfig, ScriptArguments
 
     from ..trainer import PolyDPOConfig, PolyDPOTrainer
+    from . import checks
 
     parser = VipoArgumentParser([ScriptArguments, ModelConfig, PolyDPOConfig], prog="vipo-trl train")
     script, model_args, config = parser.parse(argv)
@@ -56,14 +64,24 @@ def train(argv: list[str]) -> None:
         raise CliError("--ignore_bias_buffers is for language models trained with DDP; it has no effect here.")
     if model_args.model_name_or_path is None and script.dataset_name is None:
         try:
-            from ..default import run_default
+            from ..default import apply_default_settings, run_default
         except ImportError:
             raise CliError("name --model_name_or_path and --dataset_name (this build has no embedded model).") from None
-        return run_default(config)
+        apply_default_settings(config, given=parser.given)
+        checks.check_output_dir(config)
+        checks.check_resume(config)
+        run_default(config)
+        return
     if model_args.model_name_or_path is None or script.dataset_name is None:
         raise CliError("name both --model_name_or_path and --dataset_name (or neither, to run the embedded default).")
+    # Everything the user named is checked before any model is loaded.
+    checks.check_model(model_args.model_name_or_path)
+    checks.check_dataset_name(script.dataset_name)
+    checks.check_output_dir(config)
     peft_config, quantization_config = _trainer_inputs(model_args, config)
+    checks.check_resume(config, peft_config)
     train_dataset = _load_dataset(script, script.dataset_train_split)
+    checks.check_dataset(train_dataset, script.dataset_name, config.data_options())
     eval_dataset = _load_dataset(script, script.dataset_test_split) if config.eval_strategy != "no" else None
     trainer = PolyDPOTrainer(
         model_args.model_name_or_path,
@@ -76,6 +94,8 @@ def train(argv: list[str]) -> None:
     trainer.dataset_name = script.dataset_name
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
+    kind = "LoRA" if trainer.is_lora else trainer.family.denoiser_name
+    print(f"vipo-trl: {kind} saved to {config.output_dir} after {trainer.state.global_step} steps")
     if config.push_to_hub:
         trainer.push_to_hub()
 
@@ -208,14 +228,56 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
+    debug = "--debug" in argv or os.environ.get("VIPO_TRL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        import difflib
-
-        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(command, COMMANDS)
         raise CliError(f"unknown command {command!r}.{hint} Commands: {', '.join(COMMANDS)}.")
-    COMMANDS[command](rest)
+    quiet_known_warnings()
+    try:
+        COMMANDS[command](rest)
+    except CliError:
+        raise
+    except _known_input_errors() as exc:
+        if debug:
+            raise
+        # A bad input met after the checks (a corrupt row with strict_data, a NaN loss past the limit, ...):
+        # its message names the input; the traceback is for --debug (or VIPO_TRL_DEBUG=1).
+        raise CliError(f"{exc} (run with --debug for the traceback)") from None
+
+
+def _known_input_errors() -> tuple[type[BaseException], ...]:
+    from ..data.images import PreferenceDataError
+
+    return (PreferenceDataError, ValueError, FileNotFoundError, FloatingPointError)
+
+
+def quiet_known_warnings() -> None:
+    """Silence library messages that are harmless for this command line (the library API leaves them alone)."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..."
+    for message in (
+        r".*torch_dtype.*deprecated.*",
+        r".*pin_memory.*",
+        r".*requires torchvision.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # The libraries log through a handler on their root logger; a filter there sees their submodules' records too.
+    diffusers_logging.get_logger("diffusers")
+    transformers_logging.get_logger("transformers")
+    for name, text in (
+        ("transformers", "requires torchvision"),
+        ("diffusers", "No LoRA keys associated to"),
+        ("diffusers", "torch_dtype"),
+    ):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(lambda record, text=text: text not in record.getMessage())
 
 
 if __name__ == "__main__":

@@ -136,15 +136,59 @@ class VipoArgumentParser(TrlParser):
 
     def __init__(self, dataclass_types: list[type], prog: str | None = None):
         self.dataclass_types_ = list(dataclass_types)
-        # No abbreviations: `--model` must not silently mean `--model_name_or_path` (or be "ambiguous").
-        super().__init__(self.dataclass_types_, prog=prog, allow_abbrev=False)
+        self._first_groups: list[Any] = []
+        self._late_groups: list[Any] = []
+        # No abbreviations: `--model` must not silently mean `--model_name_or_path` (or be "ambiguous"). A short
+        # usage line: argparse would otherwise list all several hundred flags before the first explanation.
+        usage = f"{prog or 'vipo-trl'} [--config FILE.yaml] [--FLAG VALUE ...]  (sections below; --help lists all)"
+        super().__init__(self.dataclass_types_, prog=prog, allow_abbrev=False, usage=usage)
+        # `--help` shows the method's and the data's sections first, the inherited TrainingArguments last.
+        special = self._first_groups + self._late_groups
+        rest = [g for g in self._action_groups if g not in special]
+        self._action_groups = rest[:2] + self._first_groups + rest[2:] + self._late_groups  # after -h's section
+
+    def _add_dataclass_arguments(self, dtype: Any) -> None:
+        groups = dtype.help_groups() if hasattr(dtype, "help_groups") else None
+        if not groups:
+            title = f"{dtype.__name__} ({dtype.__module__.split('.')[0]})"
+            self._add_fields(self.add_argument_group(title), dtype, [f.name for f in dataclasses.fields(dtype)])
+            return
+        placed = [name for _, names in groups for name in names]
+        for title, names in groups:
+            group = self.add_argument_group(title)
+            self._first_groups.append(group)
+            self._add_fields(group, dtype, names)
+        rest = [f.name for f in dataclasses.fields(dtype) if f.name not in placed]
+        late = self.add_argument_group(
+            "Inherited from transformers.TrainingArguments (logging, checkpoints, optimizer, precision, Hub, devices)"
+        )
+        self._late_groups.append(late)
+        self._add_fields(late, dtype, rest)
+
+    def _add_fields(self, group: Any, dtype: Any, names: list[str]) -> None:
+        from typing import get_type_hints
+
+        hints = get_type_hints(dtype)
+        by_name = {f.name: f for f in dataclasses.fields(dtype)}
+        for name in names:
+            f = by_name[name]
+            if not f.init:
+                continue
+            f.type = hints[name]
+            self._parse_dataclass_field(group, f)
 
     def parse(self, argv: list[str]) -> tuple[Any, ...]:
+        """The dataclasses filled from `--config` and the flags; `self.given` is then the set of fields the user
+        set (by flag or in the file), whatever their value: a value equal to a default still counts as given."""
         valid = _field_names(self.dataclass_types_)
         config_path = _find_config(argv)
+        from_yaml: dict[str, Any] = {}
         if config_path is not None:
-            _check_config_file(config_path, valid)
+            from_yaml = _check_config_file(config_path, valid)
             argv = _config_as_separate_flag(argv)
+        dest_of = {option: action.dest for action in self._actions for option in action.option_strings}
+        self.given = {dest_of[a.split("=", 1)[0]] for a in argv if a.split("=", 1)[0] in dest_of} - {"help"}
+        self.given |= set(from_yaml) - {"env"}
         try:
             *parsed, from_file, from_flags = self.parse_args_and_config(
                 argv, return_remaining_strings=True, separate_remaining_strings=True
@@ -181,7 +225,7 @@ def _config_as_separate_flag(argv: list[str]) -> list[str]:
     return out
 
 
-def _check_config_file(path: str, valid: set[str]) -> None:
+def _check_config_file(path: str, valid: set[str]) -> dict[str, Any]:
     """Read the YAML once up front, for errors that name the file (TrlParser's would be a traceback)."""
     try:
         with open(path) as f:
@@ -197,3 +241,4 @@ def _check_config_file(path: str, valid: set[str]) -> None:
     env = values.get("env", {})
     if not isinstance(env, dict):
         raise CliError(f"--config {path}: `env` must be a mapping of VARIABLE: value.")
+    return values

@@ -209,12 +209,16 @@ class PreferencePairs(TorchDataset):
                 "winner to train towards. Set PolyDPOConfig.drop_ties=True to drop them."
             )
         self.num_ties = len(ties)
-        if ties or self.label_skips:
-            logger.info(
-                "Dropped %d tied pairs and %d rows with bad labels of %d.",
-                len(ties),
+        if ties:
+            logger.info("Dropped %d tied pairs of %d (drop_ties=True).", len(ties), len(labels))
+        if self.label_skips:
+            # A bad label (NaN, None, anything but a win, a loss or a tie) is a data error: said, not just counted.
+            logger.warning(
+                "Skipped %d of %d rows with bad labels (e.g. rows %s; labels must be (1, 0), (0, 1) or a tie). Set "
+                "strict_data=True to stop at the first.",
                 len(self.label_skips),
                 len(labels),
+                [i for i, _ in self.label_skips[:5]],
             )
         return rows
 

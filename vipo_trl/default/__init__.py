@@ -16,8 +16,26 @@ MODEL_DIR = Path(__file__).parent / "model"
 #: Held-out evaluation: every scene prompt, with seeds no training pair used.
 EVAL_SEEDS = (10_001, 10_002)
 
+#: The embedded run's settings; on the command line a flag the user gives wins over each of them.
+DEFAULT_OUTPUT_DIR = "vipo-default-run"
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "output_dir": DEFAULT_OUTPUT_DIR,
+    "max_steps": 300,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 3e-3,
+    "resolution": 32,
+    "random_flip": False,
+    "beta": 2000.0,
+    "logging_steps": 20,
+    "save_strategy": "no",
+    "report_to": [],
+    "seed": 0,
+}
+
 __all__ = [
     "ALL_SCENES",
+    "DEFAULT_SETTINGS",
+    "apply_default_settings",
     "KINDS",
     "MODEL_DIR",
     "PreferenceSetStats",
@@ -43,81 +61,101 @@ def load_default_pipeline(lora: str | None = None, model_dir: str | Path = MODEL
     return pipe
 
 
-def evaluate_reward(pipe: Any, seeds: tuple[int, ...] = EVAL_SEEDS) -> tuple[float, list]:
-    """Mean reward over every scene prompt x `seeds`, and the images."""
+def evaluate_reward(pipe: Any, seeds: tuple[int, ...] = EVAL_SEEDS, progress: str | None = None) -> tuple[float, list]:
+    """Mean reward over every scene prompt x `seeds`, and the images (a progress bar titled `progress`)."""
     prompts = [s.prompt for s in ALL_SCENES for _ in seeds]
-    images = generate(pipe, prompts, [seed for _ in ALL_SCENES for seed in seeds])
+    images = generate(pipe, prompts, [seed for _ in ALL_SCENES for seed in seeds], progress=progress)
     return float(np.mean([reward(im, p) for im, p in zip(images, prompts)])), images
 
 
-def save_grid(rows: list[list], path: Path, scale: int = 3) -> None:
-    from PIL import Image
+def grid_tiles() -> list[int]:
+    """Indices (into `evaluate_reward`'s images) of 12 scenes that show every colour, shape and position."""
+    positions = 4
+    scenes = [i * positions + i % positions for i in range(len(ALL_SCENES) // positions)]
+    return [scene * len(EVAL_SEEDS) for scene in scenes]
 
-    width = max(len(r) for r in rows)
-    size = rows[0][0].width * scale
-    grid = Image.new("RGB", (width * size, len(rows) * size), "white")
-    for y, row in enumerate(rows):
-        for x, image in enumerate(row):
-            grid.paste(image.resize((size, size), Image.NEAREST), (x * size, y * size))
+
+def save_labelled_grid(rows: dict[str, list], captions: list[str], path: Path, scale: int = 3) -> None:
+    """Rows of images, each row named on the left, each column captioned with its prompt."""
+    from PIL import Image, ImageDraw
+
+    size = next(iter(rows.values()))[0].width * scale
+    label_width, caption_height = 64, 30
+    width = label_width + size * max(len(r) for r in rows.values())
+    grid = Image.new("RGB", (width, caption_height + len(rows) * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for x, caption in enumerate(captions):
+        words = caption.removeprefix("a ").split(" on the ")
+        for line, text in enumerate(words[:2]):
+            draw.text((label_width + x * size + 2, 2 + 13 * line), text, fill="black")
+    for y, (label, images) in enumerate(rows.items()):
+        top = caption_height + y * size
+        draw.text((4, top + size // 2 - 6), label, fill="black")
+        for x, image in enumerate(images):
+            grid.paste(image.resize((size, size), Image.NEAREST), (label_width + x * size, top))
     grid.save(path)
+
+
+def apply_default_settings(config: Any, given: set[str] | frozenset[str] = frozenset()) -> Any:
+    """Give `config` the embedded run's settings, except those in `given` (the fields the user set): a flag equal to
+    its transformers default still wins. `--save_steps` alone turns checkpoints on."""
+    for key, value in DEFAULT_SETTINGS.items():
+        if key in given or (key == "save_strategy" and "save_steps" in given):
+            continue
+        setattr(config, key, value)
+    if not config.use_cpu:
+        config.use_cpu = not _cuda()
+    return config
 
 
 def run_default(config: Any = None, model_dir: str | Path = MODEL_DIR) -> dict[str, float]:
     """Align the shipped model with Poly-DPO on its `clean` synthetic set and report base vs aligned reward.
 
-    `config` is a `PolyDPOConfig` (from the command line); fields left at their defaults get the embedded run's
-    values: LoRA r=8, 300 steps, batch 8, learning rate 3e-3, beta 2000, alpha 0, CPU.
+    `config` is a `PolyDPOConfig` used as it is (the command line fills what the user did not set from
+    `DEFAULT_SETTINGS`); `None` means `DEFAULT_SETTINGS`: LoRA r=8, 300 steps of 8 pairs, learning rate 3e-3, beta
+    2000, alpha 0, on the CPU. `config.resume_from_checkpoint` is honoured.
     """
     from peft import LoraConfig
 
     from ..trainer import PolyDPOConfig, PolyDPOTrainer
 
     start = time.perf_counter()
-    defaults = PolyDPOConfig(output_dir="unused", report_to=[])
-    given = config.to_dict() if config is not None else {}
-    overrides = dict(
-        output_dir="vipo-default-run",
-        max_steps=300,
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        resolution=32,
-        random_flip=False,
-        beta=2000.0,
-        logging_steps=20,
-        save_strategy="no",
-        report_to=[],
-        seed=0,
-    )
-    unchanged = {k: v for k, v in overrides.items() if given.get(k, getattr(defaults, k)) == getattr(defaults, k)}
-    if config is None or given.get("output_dir") in (None, "trainer_output"):
-        unchanged["output_dir"] = overrides["output_dir"]
-    args = config if config is not None else defaults
-    for key, value in unchanged.items():
-        setattr(args, key, value)
-    args.use_cpu = args.use_cpu or not _cuda()
+    args = config if config is not None else apply_default_settings(PolyDPOConfig(**DEFAULT_SETTINGS))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     print("vipo-trl embedded default: a tiny shapes model, its clean synthetic preference set, Poly-DPO + LoRA.")
     base = load_default_pipeline(model_dir=model_dir)
-    base_reward, base_images = evaluate_reward(base)
-    print(f"base model reward on {len(base_images)} held-out prompt/seed pairs: {base_reward:.3f}")
-    dataset, stats = make_preference_set("clean", base, seed=args.seed)
-    print(f"built the clean preference set: {stats.pairs} pairs from the base model's samples")
+    base_reward, base_images = evaluate_reward(base, progress="base model: sampling")
+    print(
+        f"base model reward on {len(base_images)} held-out samples (every scene prompt x seeds "
+        f"{', '.join(map(str, EVAL_SEEDS))}): {base_reward:.3f}"
+    )
+    dataset, stats = make_preference_set("clean", base, seed=args.seed, progress="preference set: sampling")
+    print(f"built the clean preference set: {stats.pairs} pairs from the base model's samples (seed {args.seed})")
 
     lora = LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian")
     trainer = PolyDPOTrainer(str(model_dir), args, dataset, peft_config=lora)
     trainer.dataset_name = "vipo-trl synthetic shapes (clean)"
-    trainer.train()
+    resume = args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() in ("latest", "true") else resume)
     trainer.save_model()
 
     aligned = load_default_pipeline(lora=str(out), model_dir=model_dir)
-    aligned_reward, aligned_images = evaluate_reward(aligned)
-    step = len(EVAL_SEEDS) * 4  # one scene in four, to keep the grid readable
-    save_grid([base_images[::step], aligned_images[::step]], out / "samples.png")
+    aligned_reward, aligned_images = evaluate_reward(aligned, progress="aligned model: sampling")
+    tiles = grid_tiles()
+    save_labelled_grid(
+        {"base": [base_images[i] for i in tiles], "aligned": [aligned_images[i] for i in tiles]},
+        [ALL_SCENES[i // len(EVAL_SEEDS)].prompt for i in tiles],
+        out / "samples.png",
+    )
     minutes = (time.perf_counter() - start) / 60
-    print(f"aligned model reward: {aligned_reward:.3f} (base {base_reward:.3f}, {aligned_reward - base_reward:+.3f})")
-    print(f"before/after grid (top: base, bottom: aligned): {out / 'samples.png'}; LoRA in {out}; {minutes:.1f} min")
+    print(
+        f"aligned model reward: {aligned_reward:.3f} (base {base_reward:.3f}, {aligned_reward - base_reward:+.3f}; "
+        f"the same {len(aligned_images)} held-out samples)"
+    )
+    print(f"before/after grid (rows: base, aligned; seed {EVAL_SEEDS[0]}): {out / 'samples.png'}")
+    print(f"vipo-trl: LoRA saved to {out} after {trainer.state.global_step} steps ({minutes:.1f} min)")
     return {"base_reward": base_reward, "aligned_reward": aligned_reward, "pairs": stats.pairs, "minutes": minutes}
 
 

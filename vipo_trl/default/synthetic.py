@@ -18,7 +18,13 @@ KINDS = ("clean", "noisy", "easy")
 
 
 def generate(
-    pipe: Any, prompts: list[str], seeds: list[int], guidance_scale: float = 4.0, steps: int = 20, batch: int = 48
+    pipe: Any,
+    prompts: list[str],
+    seeds: list[int],
+    guidance_scale: float = 4.0,
+    steps: int = 20,
+    batch: int = 48,
+    progress: str | None = None,
 ) -> list[Image.Image]:
     """One image per (prompt, seed), with DDIM sampling (the embedded model's sampler)."""
     from diffusers import DDIMScheduler
@@ -26,7 +32,13 @@ def generate(
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return generate_images(
-        pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=guidance_scale, batch_size=batch
+        pipe,
+        prompts,
+        seeds,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch,
+        progress=progress,
     )
 
 
@@ -65,6 +77,7 @@ def make_preference_set(
     flip_rate: float = 0.2,
     seed: int = 0,
     scenes: list | None = None,
+    progress: str | None = None,
 ) -> tuple[Dataset, PreferenceSetStats]:
     """A preference set in the generic schema from `samples_per_prompt` base-model samples per scene prompt.
 
@@ -90,7 +103,7 @@ def make_preference_set(
     asked = list(prompts)
     if kind == "noisy":  # every other sample from the weaker generator
         asked = [_confused(p, rng) if k % 2 else p for k, p in enumerate(prompts)]
-    images = generate(pipe, asked, seeds)
+    images = generate(pipe, asked, seeds, progress=progress)
     by_prompt: dict[str, list[tuple[Image.Image, np.ndarray]]] = {}
     for prompt, image in zip(prompts, images):
         by_prompt.setdefault(prompt, []).append((image, np.array(attribute_scores(image, prompt))))

@@ -33,8 +33,8 @@ class PolyDPOConfig(TrainingArguments):
 
         loss_type (`str` or `list[str]`, *optional*, defaults to `"poly_dpo"`):
             Name(s) of the loss(es) to use, from `vipo_trl.losses.available_losses()`: `"poly_dpo"` (ViPO),
-            `"diffusion_dpo"` (alias `"dpo"`), `"mapo"`, `"kto"`, `"sft"`, or any loss registered with
-            `vipo_trl.losses.register_loss`. Several losses are summed, weighted by `loss_weights`, as in TRL:
+            `"diffusion_dpo"` (alias `"dpo"`), `"hinge"`, `"ipo"`, `"mapo"`, `"kto"`, `"sft"`, or any loss
+            registered with `vipo_trl.losses.register_loss`. Several losses are summed, weighted by `loss_weights`, as in TRL:
             `loss_type=["poly_dpo", "sft"]`.
         loss_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             One weight per entry of `loss_type`; `None` weighs each loss 1.0.
@@ -292,6 +292,18 @@ class PolyDPOConfig(TrainingArguments):
         )
         _require(self.cache_dtype in _DTYPES, "cache_dtype", self.cache_dtype, f"must be one of {_DTYPES}")
         _require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")
+        _require(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            "learning_rate",
+            self.learning_rate,
+            "must be > 0 (at 0 training would save an unchanged model)",
+        )
+        _require(
+            self.per_device_train_batch_size >= 1,
+            "per_device_train_batch_size",
+            self.per_device_train_batch_size,
+            "must be >= 1 (pairs per device per step)",
+        )
         _require(self.resolution >= 8, "resolution", self.resolution, "must be an int >= 8")
         _require(
             self.timestep_sampling is None or self.timestep_sampling in TIMESTEP_SAMPLINGS,
@@ -322,6 +334,12 @@ class PolyDPOConfig(TrainingArguments):
         # The collator needs the raw image and prompt columns, which Trainer would otherwise drop.
         self.remove_unused_columns = False
         super().__post_init__()
+
+    @classmethod
+    def help_groups(cls) -> list[tuple[str, list[str]]]:
+        """`--help` sections: this class's own fields as its docstring groups them (inherited ones go last)."""
+        own = {f.name for f in fields(cls) if f.name in cls.__annotations__}
+        return [(title, [n for n in names if n in own]) for title, names in docstring_groups(cls)]
 
     def diffusion_options(self) -> DiffusionOptions:
         """The fields the model family reads."""
@@ -387,6 +405,19 @@ def docstring_help(cls: type) -> dict[str, str]:
         elif line.strip():
             current = None
     return {name: " ".join(words) for name, words in entries.items()}
+
+
+def docstring_groups(cls: type) -> list[tuple[str, list[str]]]:
+    """The docstring's groups (`> Parameters that control the loss`) and the fields each documents, in order."""
+    groups: list[tuple[str, list[str]]] = []
+    for line in (cls.__doc__ or "").splitlines():
+        title = re.match(r"^ {8}> (.+)$", line)
+        header = re.match(r"^ {8}([a-z_0-9]+(?: / [a-z_0-9]+)*) \(", line)
+        if title:
+            groups.append((title.group(1), []))
+        elif header and groups:
+            groups[-1][1].extend(header.group(1).split(" / "))
+    return groups
 
 
 def _use_docstring_as_help(cls: type) -> None:

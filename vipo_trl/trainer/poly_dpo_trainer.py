@@ -177,6 +177,8 @@ class PolyDPOTrainer(Trainer):
             mode: torch.zeros(2, len(CATEGORY_METRICS), len(self.categories)) for mode in self._metrics
         }
         self.skipped_rows: Counter[str] = Counter()  # bad rows passed over in training, by reason
+        # Rows whose labels were unusable never reach a batch; they are counted with the rest.
+        self.skipped_rows.update(reason for _, reason in getattr(train_pairs, "label_skips", []))
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
         self._nonfinite_since_log = 0
         #: Recorded in the model card; the command line sets it from --dataset_name.

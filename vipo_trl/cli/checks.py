@@ -1,0 +1,173 @@
+"""Checks the command line runs before any model is loaded or any step is taken: each bad input becomes one line
+(`vipo-trl: error: ...`, exit status 2) that names the input and the fix, instead of a traceback minutes later."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from .parser import CliError
+
+#: A hub id is `name` or `org/name` of letters, digits, `-`, `_` and `.`; anything else is meant as a local path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` can only be a local path (not a hub id)."""
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or not HUB_ID.match(name)
+
+
+def check_model(name: str) -> None:
+    """A local model must be a diffusers pipeline folder with every component it lists, in safetensors."""
+    if not looks_local(name):
+        return  # a hub id: downloading (or not finding) it is the Hub's to report
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        raise CliError(f"--model_name_or_path {name}: no such folder (nor is it a hub id like 'org/name').")
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        raise CliError(
+            f"--model_name_or_path {name}: not a diffusers pipeline folder (no model_index.json). Save one with "
+            "pipe.save_pretrained(folder), or name its hub id."
+        )
+    try:
+        with open(index_file) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--model_name_or_path {name}: model_index.json is unreadable ({exc}).") from None
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        folder = os.path.join(path, component)
+        if not os.path.isdir(folder):
+            raise CliError(
+                f"--model_name_or_path {name}: model_index.json lists the component {component!r} but the folder "
+                f"{folder} is missing. Copy the whole pipeline folder."
+            )
+        weights = [f for f in os.listdir(folder) if f.endswith(WEIGHT_SUFFIXES)]
+        if weights and not any(f.endswith(".safetensors") for f in weights):
+            raise CliError(
+                f"--model_name_or_path {name}: {component} has only pickle weights ({', '.join(sorted(weights))}); "
+                "vipo-trl loads safetensors only (a pickle can run code). Convert them with "
+                "`Model.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)` where you trust "
+                "the file."
+            )
+
+
+def check_dataset_name(name: str) -> None:
+    """A local dataset must exist and hold something."""
+    if not looks_local(name):
+        return
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        raise CliError(f"--dataset_name {name}: no such file or folder (nor is it a hub id like 'org/name').")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise CliError(f"--dataset_name {name}: the file is empty.")
+    if os.path.isdir(path) and not any(not f.startswith(".") for f in os.listdir(path)):
+        raise CliError(f"--dataset_name {name}: the folder is empty.")
+
+
+def check_dataset(dataset: Any, name: str, options: Any) -> None:
+    """The loaded dataset has rows and the columns its schema needs (checked on the column names, before training)."""
+    from ..data import PreferenceDataError, is_latent_cache, resolve_columns
+
+    if is_latent_cache(dataset):
+        return
+    rows = getattr(dataset, "num_rows", None)
+    if rows == 0:
+        raise CliError(f"--dataset_name {name}: the dataset has no rows.")
+    names = getattr(dataset, "column_names", None)
+    if names:
+        try:
+            resolve_columns(
+                list(names),
+                options.dataset_schema,
+                options.prompt_column,
+                options.chosen_column,
+                options.rejected_column,
+                options.category_column,
+            )
+        except PreferenceDataError as exc:
+            raise CliError(f"--dataset_name {name}: {exc}") from None
+    if rows is None:
+        return  # a stream: its rows are checked as they come
+    # Labels (ties, bad values) and the first decodable pair, read now rather than after the model has loaded.
+    from ..data import pairs_from_options
+
+    try:
+        pairs = pairs_from_options(dataset, options, 1)
+        pairs[0]
+    except PreferenceDataError as exc:
+        raise CliError(f"--dataset_name {name}: {exc}") from None
+
+
+def check_output_dir(config: Any) -> None:
+    """`output_dir` must be a folder we may write, and not one that holds an earlier run we would overwrite."""
+    out = config.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CliError(f"--output_dir {out} is a file; name a folder.")
+    if not os.path.isdir(out) or config.resume_from_checkpoint or config.overwrite_output_dir:
+        return
+    earlier = [f for f in os.listdir(out) if f.startswith("checkpoint-") or f in EARLIER_RUN_FILES]
+    if earlier:
+        raise CliError(
+            f"--output_dir {out} holds an earlier run ({', '.join(sorted(earlier)[:3])}). Pass "
+            "--overwrite_output_dir to replace it, --resume_from_checkpoint latest to continue it, or another "
+            "--output_dir."
+        )
+
+
+EARLIER_RUN_FILES = {"poly_dpo_config.json", "pytorch_lora_weights.safetensors", "diffusion_pytorch_model.safetensors"}
+
+
+def check_resume(config: Any, peft_config: Any = None) -> None:
+    """`--resume_from_checkpoint` names a complete checkpoint (or `latest`/`true` with one in output_dir) made with
+    the same LoRA rank."""
+    from ..trainer.poly_dpo_trainer import last_complete_checkpoint
+
+    resume = config.resume_from_checkpoint
+    if resume in (None, "", False):
+        return
+    if str(resume).lower() in ("latest", "true"):
+        resume = last_complete_checkpoint(config.output_dir)
+        if resume is None:
+            raise CliError(
+                f"--resume_from_checkpoint {config.resume_from_checkpoint}: {config.output_dir} holds no complete "
+                "checkpoint-N folder."
+            )
+        _check_lora_rank(resume, peft_config)
+        return
+    if not os.path.isdir(resume):
+        raise CliError(f"--resume_from_checkpoint {resume}: no such folder (or pass 'latest').")
+    if not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        raise CliError(
+            f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json); a kill may have "
+            "cut it short. Pass 'latest' to take the last complete one."
+        )
+    try:
+        with open(os.path.join(resume, "trainer_state.json")) as f:
+            json.load(f)
+    except ValueError:
+        raise CliError(f"--resume_from_checkpoint {resume}: its trainer_state.json is damaged.") from None
+    _check_lora_rank(resume, peft_config)
+
+
+def _check_lora_rank(checkpoint: str, peft_config: Any) -> None:
+    from ..models.base import LORA_WEIGHT_NAME
+
+    path = os.path.join(checkpoint, LORA_WEIGHT_NAME)
+    if peft_config is None or not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    ranks = {v for k, v in metadata.items() if k.endswith(".r")}
+    if ranks and ranks != {peft_config.r}:
+        raise CliError(
+            f"--resume_from_checkpoint {checkpoint}: its LoRA has rank {sorted(ranks)[0]}, this run --lora_r "
+            f"{peft_config.r}. Resume with the same --lora_r, or start a new run."
+        )
