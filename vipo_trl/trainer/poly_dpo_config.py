@@ -34,8 +34,8 @@ class PolyDPOConfig(TrainingArguments):
         loss_type (`str` or `list[str]`, *optional*, defaults to `"poly_dpo"`):
             Name(s) of the loss(es) to use, from `vipo_trl.losses.available_losses()`: `"poly_dpo"` (ViPO),
             `"diffusion_dpo"` (alias `"dpo"`), `"hinge"`, `"ipo"`, `"mapo"`, `"kto"`, `"sft"`, or any loss
-            registered with `vipo_trl.losses.register_loss`. Several losses are summed, weighted by `loss_weights`, as in TRL:
-            `loss_type=["poly_dpo", "sft"]`.
+            registered with `vipo_trl.losses.register_loss`. Several losses are summed, weighted by
+            `loss_weights`, as in TRL: `loss_type=["poly_dpo", "sft"]`.
         loss_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             One weight per entry of `loss_type`; `None` weighs each loss 1.0.
         loss_params (`dict[str, dict]`, `str` or `None`, *optional*, defaults to `None`):
