@@ -90,8 +90,12 @@ def test_the_default_run_improves_the_reward(tmp_path, capsys):
 
     main(["train", "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true"])
     out = capsys.readouterr().out
-    base = float(re.search(r"base model reward on \d+ held-out prompt/seed pairs: ([0-9.]+)", out).group(1))
+    base = float(re.search(r"base model reward on \d+ held-out samples \([^)]*\): ([0-9.]+)", out).group(1))
     aligned = float(re.search(r"aligned model reward: ([0-9.]+)", out).group(1))
     assert aligned > base + 0.02, out  # measured here: 0.819 -> 0.865
-    assert (tmp_path / "run" / "samples.png").is_file()
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "run" / "samples.png")
+    assert grid.size == (64 + 12 * 96, 30 + 2 * 96)  # labels, 12 captioned tiles, rows base and aligned
+    assert f"LoRA saved to {tmp_path / 'run'} after 300 steps" in out
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()

@@ -30,6 +30,9 @@ def _load_dataset(script: Any, split: str) -> Any:
     except (ValueError, OSError, StopIteration, IndexError) as exc:
         # e.g. an empty or malformed data file, which `datasets` reports from deep inside Arrow
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        empty_folder = isinstance(exc, IndexError) and os.path.isdir(script.dataset_name)  # save_to_disk of 0 rows
+        if empty_folder or "corresponds to no data" in message or "BatchSize must be greater than 0" in message:
+            raise CliError(f"--dataset_name {script.dataset_name}: the dataset has no rows.") from None
         raise CliError(f"--dataset_name {script.dataset_name} (split {split}): cannot read it: {message}") from None
 
 

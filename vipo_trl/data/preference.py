@@ -77,7 +77,8 @@ def resolve_columns(
     """Decide the schema and check that its columns exist, with an error that names what is missing."""
     names = set(column_names)
     if schema == "auto":
-        schema = "pickapic" if {"jpg_0", "jpg_1", "label_0", "label_1"} <= names else "generic"
+        # Any Pick-a-Pic column means Pick-a-Pic, so a missing one is named rather than the generic columns.
+        schema = "pickapic" if {"jpg_0", "jpg_1", "label_0", "label_1"} & names else "generic"
     if schema == "pickapic":
         columns = PreferenceColumns("pickapic", prompt_column or "caption", "jpg_0", "jpg_1", category_column)
         required = [columns.prompt, "jpg_0", "jpg_1", "label_0", "label_1"]

@@ -155,6 +155,9 @@ class PolyDPOConfig(TrainingArguments):
             SD VAE is known to overflow in float16.
         gradient_checkpointing / activation_checkpointing (`bool`, *optional*, defaults to `False`):
             Recompute the denoiser's activations in the backward pass to save memory (inherited field).
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            The command line refuses an `output_dir` that holds an earlier run (its weights, config or
+            checkpoints) unless this is set or the run resumes (`--resume_from_checkpoint`).
         max_nonfinite_steps (`int`, *optional*, defaults to `10`):
             An optimizer step whose loss or gradient is NaN/inf is skipped (on every process), counted and logged
             (`nonfinite/skipped_steps`); beyond this many, training stops with the step, the rows and the last finite
@@ -209,6 +212,7 @@ class PolyDPOConfig(TrainingArguments):
     variant: str | None = None
     torch_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
+    overwrite_output_dir: bool = False
     max_nonfinite_steps: int = 10
 
     # Defaults that differ from TrainingArguments
