@@ -268,10 +268,7 @@ class PreferencePairs(TorchDataset):
             try:
                 item = load_pair(self.dataset[row_index], row_index, self.columns, self.options)
             except BadRow as bad:
-                if self.options.strict:
-                    raise
-                logger.warning("Skipping a bad row: %s", bad)
-                skipped.append((row_index, bad.reason))
+                _skip_or_raise(bad, row_index, self.options, skipped)
                 continue
             item["skipped"] = skipped
             return _with_augment_seed(item, self.options, self.epoch)
@@ -321,10 +318,7 @@ class StreamingPreferencePairs(TorchIterableDataset):
                         continue
                 item = load_pair(row, row_index, self.columns, self.options)
             except BadRow as bad:
-                if self.options.strict:
-                    raise
-                logger.warning("Skipping a bad row: %s", bad)
-                skipped.append((row_index, bad.reason))
+                _skip_or_raise(bad, row_index, self.options, skipped)
                 continue
             item["skipped"], skipped = skipped, []
             yield _with_augment_seed(item, self.options, self.epoch)
@@ -376,6 +370,14 @@ class PreferenceCollator:
             )
         except ValueError as exc:
             raise PreferenceDataError(f"Row {item.get('row_index')}: {exc}.") from exc
+
+
+def _skip_or_raise(bad: BadRow, row_index: int, options: DataOptions, skipped: list[tuple[int, str]]) -> None:
+    """A bad row stops the run with `strict_data`, else is logged and counted by reason."""
+    if options.strict:
+        raise bad
+    logger.warning("Skipping a bad row: %s", bad)
+    skipped.append((row_index, bad.reason))
 
 
 def preference_pairs(
