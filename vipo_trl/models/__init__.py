@@ -1,24 +1,30 @@
-"""Model families, one module each, and the lookup from `model_index.json` to a family."""
+"""Model families, one module each, and the lookup from `model_index.json` to a family. Imported on first use:
+the families need diffusers, which the config and `--help` do not."""
 
-from .base import DiffusionFamily, DiffusionOptions
-from .flux import FluxFamily
-from .registry import family_for_pipeline, family_from_pipeline, load_family, register_family, supported_pipelines
-from .stable_diffusion import StableDiffusionFamily
-from .stable_diffusion_3 import StableDiffusion3Family
-from .stable_diffusion_xl import StableDiffusionXLFamily
-from .wan import WanFamily
+from __future__ import annotations
 
-__all__ = [
-    "DiffusionFamily",
-    "DiffusionOptions",
-    "FluxFamily",
-    "StableDiffusion3Family",
-    "StableDiffusionFamily",
-    "StableDiffusionXLFamily",
-    "WanFamily",
-    "family_for_pipeline",
-    "family_from_pipeline",
-    "load_family",
-    "register_family",
-    "supported_pipelines",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DiffusionFamily": ".base",
+    "DiffusionOptions": ".options",
+    "FluxFamily": ".flux",
+    "StableDiffusion3Family": ".stable_diffusion_3",
+    "StableDiffusionFamily": ".stable_diffusion",
+    "StableDiffusionXLFamily": ".stable_diffusion_xl",
+    "WanFamily": ".wan",
+    "family_for_pipeline": ".registry",
+    "family_from_pipeline": ".registry",
+    "load_family": ".registry",
+    "register_family": ".registry",
+    "supported_pipelines": ".registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'vipo_trl.models' has no attribute {name!r}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -16,22 +15,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
+from .options import DiffusionOptions
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-
-
-@dataclass
-class DiffusionOptions:
-    """Training-time choices a family reads; `PolyDPOConfig` fills them (see its docstring)."""
-
-    timestep_sampling: str | None = None  # None: the family's default
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    loss_weighting: str = "none"
-    guidance_scale: float = 3.5
-    drop_t5_text_encoder: bool = False
-    flow_shift: float | None = None
-    max_sequence_length: int | None = None  # None: the pipeline's default
 
 
 class DiffusionFamily(ABC):

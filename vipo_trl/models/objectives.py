@@ -6,10 +6,9 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from .base import DiffusionOptions
+from .options import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, DiffusionOptions
 
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
-LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+__all__ = ["LOSS_WEIGHTINGS", "TIMESTEP_SAMPLINGS", "DDPMObjective", "FlowMatchingObjective", "sample_unit_interval"]
 
 
 def sample_unit_interval(options: DiffusionOptions, default: str, generators: list[torch.Generator]) -> torch.Tensor:

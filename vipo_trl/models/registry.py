@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -18,13 +19,23 @@ def register_family(cls: type[DiffusionFamily]) -> type[DiffusionFamily]:
     return cls
 
 
+BUILTIN_FAMILY_MODULES = ("stable_diffusion", "stable_diffusion_xl", "stable_diffusion_3", "flux", "wan")
+
+
+def _import_builtin_families() -> None:
+    for name in BUILTIN_FAMILY_MODULES:  # each registers itself on import
+        importlib.import_module(f"{__package__}.{name}")
+
+
 def supported_pipelines() -> list[str]:
     """Pipeline class names that vipo-trl can train."""
+    _import_builtin_families()
     return sorted(_FAMILIES)
 
 
 def family_for_pipeline(pipeline_class_name: str) -> type[DiffusionFamily]:
     """The family class for a `model_index.json` `_class_name`, or a clear error."""
+    _import_builtin_families()
     try:
         return _FAMILIES[pipeline_class_name]
     except KeyError:

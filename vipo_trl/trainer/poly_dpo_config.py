@@ -13,8 +13,7 @@ from transformers import TrainingArguments
 
 from ..data.preference import DataOptions
 from ..losses import get_loss
-from ..models.base import DiffusionOptions
-from ..models.objectives import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
+from ..models.options import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, DiffusionOptions
 
 _SCHEMAS = ("auto", "pickapic", "generic")
 _DTYPES = ("float32", "bfloat16", "float16")
