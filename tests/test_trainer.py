@@ -223,6 +223,26 @@ def test_reference_free_loss_makes_no_reference_forward(tmp_path, tiny_sd_path, 
     assert "rewards/chosen" not in trainer.state.log_history[0]
 
 
+def test_a_loss_that_reads_only_the_chosen_image_never_encodes_or_runs_the_rejected(tmp_path, tiny_sd_path):
+    def batch_sizes(loss_type):
+        trainer = PolyDPOTrainer(
+            tiny_sd_path, config(tmp_path, loss_type=loss_type, max_steps=1), pickapic_dataset(8), peft_config=lora()
+        )
+        sizes = {"vae": [], "denoiser": []}
+        trainer.family.vae.encoder.register_forward_hook(lambda m, a, o: sizes["vae"].append(a[0].shape[0]))
+        trainer.model.register_forward_hook(lambda m, a, o: sizes["denoiser"].append(a[0].shape[0]))
+        trainer.train()
+        return trainer, sizes
+
+    sft, sizes = batch_sizes(["sft"])  # 2 pairs per step
+    assert not sft.needs_rejected and sizes == {"vae": [2], "denoiser": [2]}
+    assert "errors/policy_rejected" not in sft.state.log_history[0]
+    _, sizes = batch_sizes(["mapo"])  # reference-free, but reads the rejected image
+    assert sizes == {"vae": [4], "denoiser": [4]}
+    _, sizes = batch_sizes(["poly_dpo", "sft"])  # policy and reference forwards on both images
+    assert sizes == {"vae": [4], "denoiser": [4, 4]}
+
+
 def test_reference_loss_makes_exactly_one_reference_forward(tmp_path, tiny_sd_path):
     trainer = PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(8), peft_config=lora())
     calls = count_forwards(trainer.model)

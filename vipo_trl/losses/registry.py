@@ -29,11 +29,12 @@ class DenoisingErrors:
     pair share one noise sample and one timestep, so their errors are directly comparable.
 
     The `ref_*` fields are `None` when no selected loss needs a reference model: the trainer then skips
-    the reference forward altogether.
+    the reference forward altogether. `policy_rejected` is `None` when no selected loss reads the rejected sample
+    (e.g. `sft` alone): the rejected image is then neither encoded nor run.
     """
 
     policy_chosen: torch.Tensor
-    policy_rejected: torch.Tensor
+    policy_rejected: torch.Tensor | None = None
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
 
@@ -57,7 +58,8 @@ LossFn = Callable[..., LossOutput]
 class LossSpec:
     """A registered loss: call it as `spec(errors, config) -> LossOutput`.
 
-    `needs_reference` says whether it reads the reference model's errors. `params`, when set, is a dataclass of the
+    `needs_reference` says whether it reads the reference model's errors, `needs_rejected` whether it reads the
+    rejected sample's (the trainer skips what no selected loss reads). `params`, when set, is a dataclass of the
     loss's own parameters: their values come from `config.loss_params[name]` (defaults where not given) and reach
     the function as a third argument, so a new loss needs no new config field.
     """
@@ -66,6 +68,7 @@ class LossSpec:
     fn: LossFn
     needs_reference: bool
     params: type | None = None
+    needs_rejected: bool = True
 
     def __call__(self, errors: DenoisingErrors, config: Any) -> LossOutput:
         if self.params is None:
@@ -93,7 +96,12 @@ _REGISTRY: Registry[LossSpec] = Registry("loss")
 
 
 def register_loss(
-    name: str, *, needs_reference: bool, params: type | None = None, override: bool = False
+    name: str,
+    *,
+    needs_reference: bool,
+    needs_rejected: bool = True,
+    params: type | None = None,
+    override: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Register a preference loss under `name`; use as a decorator.
 
@@ -117,6 +125,8 @@ def register_loss(
         name: the value users put in `PolyDPOConfig.loss_type`.
         needs_reference: whether the loss reads `errors.ref_chosen`/`errors.ref_rejected`. A loss registered
             with `False` gets `None` there, and the trainer makes no reference forward for it.
+        needs_rejected: whether the loss reads the rejected sample's errors. When no selected loss does, the
+            trainer neither encodes nor runs the rejected image and `errors.policy_rejected` is `None`.
         params: a dataclass of the loss's own parameters (see `LossSpec`); the function then takes
             `(errors, config, params)`.
         override: replace an existing loss of the same name instead of raising.
@@ -125,7 +135,7 @@ def register_loss(
         raise TypeError(f"register_loss({name!r}, params=...) needs a dataclass type, got {params!r}.")
 
     def decorator(fn: LossFn) -> LossFn:
-        _REGISTRY.register(name, LossSpec(name, fn, needs_reference, params), override=override)
+        _REGISTRY.register(name, LossSpec(name, fn, needs_reference, params, needs_rejected), override=override)
         return fn
 
     return decorator

@@ -137,6 +137,8 @@ class PolyDPOTrainer(Trainer):
         self._loss_config = _LossConfig(args, self.beta)
         self.loss_specs = [get_loss(name) for name in args.loss_type]
         self.needs_reference = any(spec.needs_reference for spec in self.loss_specs)
+        #: Whether any selected loss reads the rejected sample; if none does, it is neither encoded nor run.
+        self.needs_rejected = any(spec.needs_rejected or spec.needs_reference for spec in self.loss_specs)
         self.is_lora = peft_config is not None
         if self.is_lora and not peft_config.target_modules:
             peft_config = dataclasses.replace(peft_config, target_modules=list(self.family.lora_target_modules))
@@ -298,26 +300,29 @@ class PolyDPOTrainer(Trainer):
         device = self.accelerator.device
         generators = self._pair_generators(inputs["row_index"], salt)
 
+        # The batch is [chosen..., rejected...], or [chosen...] alone when no selected loss reads the rejected.
+        sides = ("chosen", "rejected") if self.needs_rejected else ("chosen",)
         if "latent_mean_chosen" in inputs:  # from a latent cache
-            mean = torch.cat([inputs["latent_mean_chosen"], inputs["latent_mean_rejected"]]).float()
-            std = torch.cat([inputs["latent_std_chosen"], inputs["latent_std_rejected"]]).float()
-            latents = family.latents_from_distribution(mean, std, generators + generators)
+            mean = torch.cat([inputs[f"latent_mean_{side}"] for side in sides]).float()
+            std = torch.cat([inputs[f"latent_std_{side}"] for side in sides]).float()
+            latents = family.latents_from_distribution(mean, std, generators * len(sides))
             conditioning = inputs["conditioning"]
         else:
-            pixels = torch.cat([inputs["pixel_values_chosen"], inputs["pixel_values_rejected"]])
-            latents = family.encode_images(pixels, generators + generators)
+            pixels = torch.cat([inputs[f"pixel_values_{side}"] for side in sides])
+            latents = family.encode_images(pixels, generators * len(sides))
             conditioning = family.encode_conditioning(inputs)
-        conditioning = {k: torch.cat([v, v]).to(device) for k, v in conditioning.items()}
+        conditioning = {k: torch.cat([v] * len(sides)).to(device) for k, v in conditioning.items()}
         noise = randn_like_rows(latents[: len(generators)], generators)
-        noise = torch.cat([noise, noise])
+        noise = torch.cat([noise] * len(sides))
         timesteps = family.sample_timesteps(generators)
-        timesteps = torch.cat([timesteps, timesteps]).to(device)
+        timesteps = torch.cat([timesteps] * len(sides)).to(device)
         noisy_input, target = family.noisy_input_and_target(latents, noise, timesteps)
         weights = family.error_weights(timesteps)
 
-        def errors_of(prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def errors_of(prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             errors = _per_sample_mse(prediction, target)
-            return (errors if weights is None else errors * weights).chunk(2)
+            errors = errors if weights is None else errors * weights
+            return tuple(errors.chunk(2)) if len(sides) == 2 else (errors, None)
 
         ref_chosen = ref_rejected = None
         if self.needs_reference:
@@ -379,7 +384,8 @@ class PolyDPOTrainer(Trainer):
             self._nonfinite_rows = list(inputs["row_index"])
             return (loss, metrics) if return_outputs else loss
         metrics["errors/policy_chosen"] = errors.policy_chosen.detach().mean()
-        metrics["errors/policy_rejected"] = errors.policy_rejected.detach().mean()
+        if errors.policy_rejected is not None:
+            metrics["errors/policy_rejected"] = errors.policy_rejected.detach().mean()
         if errors.has_reference:
             chosen, rejected = implicit_rewards(errors, self.beta)
             margins = (chosen - rejected).detach()
