@@ -545,3 +545,20 @@ def test_every_checkpoint_refreshes_the_model_card(tmp_path, tiny_sd_path):
     assert [step for step, _ in seen] == [1, 2]
     for step, card in seen:
         assert f"| steps | {step} |" in card and "| beta (resolved) | 2000.0 |" in card
+
+
+def test_validation_prompts_make_comparable_images_during_training(tmp_path, tiny_sd_path):
+    import numpy as np
+    from PIL import Image
+
+    args = config(
+        tmp_path, validation_prompts=["a red square", "a blue square"], validation_steps=2, max_steps=3,
+        learning_rate=5e-2,
+    )  # fmt: skip
+    trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(8), peft_config=lora())
+    trainer.train()
+    folder = tmp_path / "out" / "validation"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-0.png", "step-2.png", "step-3.png"]
+    first, last = (np.asarray(Image.open(folder / n), dtype=np.int16) for n in ("step-0.png", "step-3.png"))
+    assert first.shape == last.shape == (16, 32, 3)  # one 16-px image per prompt, side by side
+    assert np.abs(first - last).mean() > 1  # the LoRA changed what the model draws for the same seed

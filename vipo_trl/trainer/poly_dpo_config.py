@@ -113,6 +113,16 @@ class PolyDPOConfig(TrainingArguments):
         random_flip (`bool`, *optional*, defaults to `True`):
             Flip both images of a pair horizontally together with probability 0.5.
 
+        > Parameters that control validation images
+
+        validation_prompts (`list[str]` or `None`, *optional*, defaults to `None`):
+            Prompts to sample with the model being trained at the start, every `validation_steps` steps and at the
+            end (one image each, seed `seed`), as diffusers' training scripts do: saved to
+            `output_dir/validation/step-N.png` and logged to TensorBoard or Weights & Biases when in `report_to`.
+            Needs the raw dataset (a latent-cache run loads no VAE or text encoder).
+        validation_steps (`int`, *optional*, defaults to `200`):
+            Optimizer steps between validation images.
+
         > Parameters that control the diffusion process
 
         timestep_sampling (`str` or `None`, *optional*, defaults to `None`):
@@ -194,6 +204,10 @@ class PolyDPOConfig(TrainingArguments):
     aspect_ratio_buckets: str | None = None
     center_crop: bool = True
     random_flip: bool = True
+
+    # Validation
+    validation_prompts: list[str] | None = None
+    validation_steps: int = 200
 
     # Diffusion
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] | None = None
@@ -294,6 +308,7 @@ class PolyDPOConfig(TrainingArguments):
             "must be None or > 0",
         )
         _require(self.cache_dtype in _DTYPES, "cache_dtype", self.cache_dtype, f"must be one of {_DTYPES}")
+        _require(self.validation_steps >= 1, "validation_steps", self.validation_steps, "must be >= 1")
         _require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")
         _require(
             math.isfinite(self.learning_rate) and self.learning_rate > 0,

@@ -42,6 +42,7 @@ from ..utils import stable_seed
 from .cache_builder import cache_settings
 from .model_card import build_model_card
 from .poly_dpo_config import PolyDPOConfig
+from .validation import ValidationImagesCallback
 
 logger = logging.get_logger(__name__)
 
@@ -168,6 +169,10 @@ class PolyDPOTrainer(Trainer):
         )
         # Our loss is a per-batch mean: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
+        if args.validation_prompts:
+            self.add_callback(
+                ValidationImagesCallback(self, args.validation_prompts, args.validation_steps, seed=args.seed)
+            )
         self.family.to(self.accelerator.device)
         if self.ref_denoiser is not None:
             self.ref_denoiser.to(self.accelerator.device)

@@ -1,0 +1,85 @@
+"""Validation images during training, as diffusers' training scripts make them (`--validation_prompts`,
+`--validation_steps`): fixed prompts and seeds, the model being trained, a grid saved per step and sent to the
+configured trackers."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..models.generation import generate_images
+
+
+class ValidationImagesCallback(TrainerCallback):
+    """At the start of training and every `validation_steps` optimizer steps (and at the end), generate one image per
+    validation prompt with the model being trained (same seed every time, so the images are comparable), save them as
+    `<output_dir>/validation/step-<N>.png` and log them to TensorBoard and Weights & Biases when those are in
+    `report_to`. Only the main process generates."""
+
+    def __init__(self, trainer: Any, prompts: list[str], every: int, seed: int = 0, steps: int = 20):
+        pipe = trainer.family.pipeline
+        if getattr(pipe, "vae", None) is None or getattr(pipe, "text_encoder", None) is None:
+            raise ValueError(
+                "validation_prompts needs the pipeline's VAE and text encoder, which a latent-cache run does not "
+                "load: train on the raw dataset, or drop validation_prompts."
+            )
+        self.trainer, self.prompts, self.every, self.seed, self.steps = trainer, list(prompts), every, seed, steps
+        self.saved: list[str] = []
+
+    def _validate(self, args: Any, state: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        denoiser = self.trainer.family.denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            images = generate_images(
+                self.trainer.family.pipeline,
+                self.prompts,
+                [self.seed] * len(self.prompts),
+                num_inference_steps=self.steps,
+            )
+        finally:
+            denoiser.train(was_training)
+        folder = os.path.join(args.output_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step-{state.global_step}.png")
+        _strip(images).save(path)
+        self.saved.append(path)
+        _log_to_trackers(args, state.global_step, images, self.prompts)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._validate(args, state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self._validate(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not self.every or state.global_step % self.every:
+            self._validate(args, state)
+
+
+def _strip(images: list[Any]) -> Any:
+    from diffusers.utils import make_image_grid
+
+    return make_image_grid(images, rows=1, cols=len(images))
+
+
+def _log_to_trackers(args: Any, step: int, images: list[Any], prompts: list[str]) -> None:
+    import numpy as np
+
+    report_to = args.report_to or []
+    if "tensorboard" in report_to:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=args.logging_dir)
+        writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+        writer.close()
+    if "wandb" in report_to:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
