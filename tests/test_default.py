@@ -95,7 +95,9 @@ def test_the_default_run_improves_the_reward(tmp_path, capsys):
     assert aligned > base + 0.02, out  # measured here: 0.819 -> 0.865
     from PIL import Image
 
+    from vipo_trl.models.generation import CAPTION_HEIGHT, LABEL_WIDTH
+
     grid = Image.open(tmp_path / "run" / "samples.png")
-    assert grid.size == (64 + 12 * 96, 30 + 2 * 96)  # labels, 12 captioned tiles, rows base and aligned
+    assert grid.size == (LABEL_WIDTH + 12 * 96, CAPTION_HEIGHT + 2 * 96)  # 12 captioned tiles, rows base, aligned
     assert f"LoRA saved to {tmp_path / 'run'} after 300 steps" in out
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()

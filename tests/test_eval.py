@@ -24,6 +24,7 @@ from vipo_trl.eval import (
     summarize,
     win_rate,
 )
+from vipo_trl.models.generation import CAPTION_HEIGHT, LABEL_WIDTH
 from vipo_trl.testing import tiny_clip_tokenizer
 
 WIDTH, LAYERS, HEADS, EMBED, IMAGE, PATCH = 32, 2, 4, 16, 30, 6
@@ -477,7 +478,7 @@ def test_eval_scores_base_and_lora_on_the_same_seeds_and_writes_its_report(tmp_p
     )
     assert again.base_scores == result.base_scores and not again.win_rates
     grid = Image.open(tmp_path / "eval" / "grid.png")
-    assert grid.size == (6 * 256, 2 * 256)
+    assert grid.size == (LABEL_WIDTH + 6 * 256, CAPTION_HEIGHT + 2 * 256)  # labelled rows base, aligned
     assert_rows_differ(grid, 256)  # the bottom row was generated with the LoRA applied
     assert (tmp_path / "eval" / "scores.png").exists() and "| shapes |" in (
         tmp_path / "eval" / "results.md"
@@ -486,7 +487,9 @@ def test_eval_scores_base_and_lora_on_the_same_seeds_and_writes_its_report(tmp_p
 
 def assert_rows_differ(grid, row_height):
     """The grid's base row (top) and aligned row (bottom) are different images: the LoRA reached the pipeline."""
-    pixels = np.asarray(grid.convert("RGB"), dtype=np.int16)
+    from vipo_trl.models.generation import CAPTION_HEIGHT, LABEL_WIDTH
+
+    pixels = np.asarray(grid.convert("RGB"), dtype=np.int16)[CAPTION_HEIGHT:, LABEL_WIDTH:]
     top, bottom = pixels[:row_height], pixels[row_height : 2 * row_height]
     assert top.shape == bottom.shape and np.abs(top - bottom).mean() > 5, np.abs(top - bottom).mean()
 
@@ -516,10 +519,10 @@ def test_eval_command_on_the_embedded_model(tmp_path, shapes_lora, capsys):
     main(["eval", "--lora", shapes_lora, "--num_prompts", "2", "--seeds", "0", "1", "--num_inference_steps", "3",
           "--output_dir", str(out), "--device", "cpu"])  # fmt: skip
     printed = capsys.readouterr().out
-    assert "4 images per model (2 prompts x 2 seeds)" in printed and "| shapes |" in printed
+    assert "4 images per model (2 prompts x seeds 0, 1)" in printed and "| shapes |" in printed
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["base_scores"]["shapes"]) == len(saved["aligned_scores"]["shapes"]) == 4
-    assert_rows_differ(Image.open(out / "grid.png"), Image.open(out / "grid.png").height // 2)  # --lora applied
+    assert_rows_differ(Image.open(out / "grid.png"), 256)  # --lora applied
     with pytest.raises(SystemExit):
         main(["eval", "--scorers", "pickscor", "--num_prompts", "1", "--output_dir", str(out)])
     assert "Did you mean 'pickscore'" in capsys.readouterr().err

@@ -127,12 +127,15 @@ def cache(argv: list[str]) -> None:
 def evaluate(argv: list[str]) -> None:
     from ..eval import evaluate_alignment, load_prompts
 
-    (args,) = VipoArgumentParser([EvalArguments], prog="vipo-trl eval").parse(argv)
+    parser = VipoArgumentParser([EvalArguments], prog="vipo-trl eval")
+    (args,) = parser.parse(argv)
     embedded = args.model_name_or_path is None
     if embedded:
-        from ..default import ALL_SCENES, MODEL_DIR
+        from ..default import ALL_SCENES, EVAL_SEEDS, MODEL_DIR
 
         model, prompts, scorers, steps, guidance = str(MODEL_DIR), [s.prompt for s in ALL_SCENES], ["shapes"], 20, 4.0
+        if "seeds" not in parser.given:  # the held-out seeds `vipo-trl train` reports its rewards on
+            args.seeds = list(EVAL_SEEDS)
     else:
         model, prompts, scorers, steps, guidance = args.model_name_or_path, None, ["pickscore"], 30, 7.5
     if args.prompts is not None or prompts is None:
@@ -156,9 +159,18 @@ def evaluate(argv: list[str]) -> None:
         )
     except ValueError as exc:  # an unknown scorer, a bad prompt file, ...
         raise CliError(str(exc)) from None
-    print(f"{len(result.prompts)} images per model ({len(prompts)} prompts x {len(args.seeds)} seeds)")
+    seeds = ", ".join(map(str, args.seeds))
+    print(f"{len(result.prompts)} images per model ({len(prompts)} prompts x seeds {seeds})")
     print(result.table())
-    print(f"results.json, results.md, grid.png (top: base, bottom: aligned) and scores.png in {args.output_dir}")
+    if args.lora:
+        print(f"results.json, results.md, grid.png (rows: base, aligned) and scores.png in {args.output_dir}")
+    else:
+        print(
+            f"results.json, results.md, grid.png (the base model only: pass --lora FOLDER to compare an aligned "
+            f"model) and scores.png in {args.output_dir}"
+        )
+    if embedded:
+        print("(the embedded default's held-out samples, as `vipo-trl train` reports them, unless --seeds is given)")
 
 
 def diagnose(argv: list[str]) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..models.generation import labelled_grid
 from .shapes import ALL_SCENES, Scene, read_scene, render, reward
 from .synthetic import KINDS, PreferenceSetStats, generate, make_preference_set
 
@@ -75,27 +76,6 @@ def grid_tiles() -> list[int]:
     return [scene * len(EVAL_SEEDS) for scene in scenes]
 
 
-def save_labelled_grid(rows: dict[str, list], captions: list[str], path: Path, scale: int = 3) -> None:
-    """Rows of images, each row named on the left, each column captioned with its prompt."""
-    from PIL import Image, ImageDraw
-
-    size = next(iter(rows.values()))[0].width * scale
-    label_width, caption_height = 64, 30
-    width = label_width + size * max(len(r) for r in rows.values())
-    grid = Image.new("RGB", (width, caption_height + len(rows) * size), "white")
-    draw = ImageDraw.Draw(grid)
-    for x, caption in enumerate(captions):
-        words = caption.removeprefix("a ").split(" on the ")
-        for line, text in enumerate(words[:2]):
-            draw.text((label_width + x * size + 2, 2 + 13 * line), text, fill="black")
-    for y, (label, images) in enumerate(rows.items()):
-        top = caption_height + y * size
-        draw.text((4, top + size // 2 - 6), label, fill="black")
-        for x, image in enumerate(images):
-            grid.paste(image.resize((size, size), Image.NEAREST), (label_width + x * size, top))
-    grid.save(path)
-
-
 def apply_default_settings(config: Any, given: set[str] | frozenset[str] = frozenset()) -> Any:
     """Give `config` the embedded run's settings, except those in `given` (the fields the user set): a flag equal to
     its transformers default still wins. `--save_steps` alone turns checkpoints on."""
@@ -144,11 +124,10 @@ def run_default(config: Any = None, model_dir: str | Path = MODEL_DIR) -> dict[s
     aligned = load_default_pipeline(lora=str(out), model_dir=model_dir)
     aligned_reward, aligned_images = evaluate_reward(aligned, progress="aligned model: sampling")
     tiles = grid_tiles()
-    save_labelled_grid(
+    labelled_grid(
         {"base": [base_images[i] for i in tiles], "aligned": [aligned_images[i] for i in tiles]},
-        [ALL_SCENES[i // len(EVAL_SEEDS)].prompt for i in tiles],
-        out / "samples.png",
-    )
+        [ALL_SCENES[i // len(EVAL_SEEDS)].prompt.removeprefix("a ") for i in tiles],
+    ).save(out / "samples.png")
     minutes = (time.perf_counter() - start) / 60
     print(
         f"aligned model reward: {aligned_reward:.3f} (base {base_reward:.3f}, {aligned_reward - base_reward:+.3f}; "

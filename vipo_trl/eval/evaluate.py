@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from ..models.generation import generate_images
+from ..models.generation import generate_images, labelled_grid
 from .scorers import RewardScorer, get_scorer
 from .stats import WinRate, win_rate
 
@@ -77,6 +77,10 @@ class EvalResult:
             rate = str(self.win_rates[name]) if name in self.win_rates else "-"
             lines.append(f"| {name} | {self.mean(name, 'base'):.4f} | {aligned} | {rate} |")
         return "\n".join(lines)
+
+
+#: Side of a tile in `grid.png`.
+GRID_CELL = 256
 
 
 def score_all(
@@ -171,20 +175,11 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
     (out / "results.md").write_text(result.table() + "\n")
-    rows = [base_images[:8]] + ([aligned_images[:8]] if aligned_images else [])
-    image_grid(rows).save(out / "grid.png")
+    rows = {"base": base_images[:8]}
+    if aligned_images:
+        rows["aligned"] = aligned_images[:8]
+    labelled_grid(rows, result.prompts[:8], cell=GRID_CELL).save(out / "grid.png")
     plot_scores(result, out / "scores.png")
-
-
-def image_grid(rows: list[list[Image.Image]], cell: int = 256) -> Image.Image:
-    """Rows of images (e.g. base above aligned) as one picture; small images are enlarged without smoothing."""
-    width = max(len(r) for r in rows)
-    grid = Image.new("RGB", (width * cell, len(rows) * cell), "white")
-    for y, row in enumerate(rows):
-        for x, image in enumerate(row):
-            resample = Image.NEAREST if image.width < cell else Image.BICUBIC
-            grid.paste(image.convert("RGB").resize((cell, cell), resample), (x * cell, y * cell))
-    return grid
 
 
 def plot_scores(result: EvalResult, path: Path) -> None:

@@ -41,3 +41,29 @@ def generate_images(
         bar.update(len(out.images))
     bar.close()
     return images
+
+
+#: Space for row names on the left and prompt captions above the tiles of `labelled_grid`.
+LABEL_WIDTH, CAPTION_HEIGHT = 64, 30
+
+
+def labelled_grid(rows: dict[str, list[Image.Image]], captions: Sequence[str] = (), cell: int = 96) -> Image.Image:
+    """Rows of images named on the left (e.g. "base", "aligned"), columns captioned with their prompts (wrapped to
+    two lines) above; small images are enlarged without smoothing."""
+    from PIL import ImageDraw
+
+    width = LABEL_WIDTH + cell * max(len(images) for images in rows.values())
+    grid = Image.new("RGB", (width, CAPTION_HEIGHT + len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    chars = max(4, cell // 6)  # the default bitmap font is about 6 px per character
+    for x, caption in enumerate(captions):
+        lines = [caption[i : i + chars] for i in range(0, len(caption), chars)][:2]
+        for line, text in enumerate(lines):
+            draw.text((LABEL_WIDTH + x * cell + 2, 2 + 13 * line), text, fill="black")
+    for y, (label, images) in enumerate(rows.items()):
+        top = CAPTION_HEIGHT + y * cell
+        draw.text((4, top + cell // 2 - 6), label, fill="black")
+        for x, image in enumerate(images):
+            resample = Image.NEAREST if image.width < cell else Image.BICUBIC
+            grid.paste(image.convert("RGB").resize((cell, cell), resample), (LABEL_WIDTH + x * cell, top))
+    return grid
