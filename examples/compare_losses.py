@@ -62,9 +62,10 @@ def compare(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         train, held_out = split["train"], split["test"]
 
     results = {}
+    scratch = tempfile.TemporaryDirectory(prefix="compare-losses-")  # runs save nothing: no empty folders left
     for name, loss in LOSSES.items():
         config = PolyDPOConfig(
-            output_dir=str(Path(args.output) / name),
+            output_dir=str(Path(scratch.name) / name),
             seed=args.seed,
             max_steps=args.max_steps,
             per_device_train_batch_size=args.batch_size,
@@ -88,6 +89,7 @@ def compare(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             **held_out_preference_metrics(trainer, held_out),
             "curve": [(h["step"], h["loss"]) for h in history],
         }
+    scratch.cleanup()
     return results
 
 
@@ -110,7 +112,10 @@ def write_report(results: dict, output: Path, title: str) -> None:
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in results.items():
         steps, losses = zip(*r["curve"])
-        curves.plot(steps, losses, label=name)
+        if name == "dpo":  # the same run as diffusion_dpo: drawn dashed on top so both stay visible
+            curves.plot(steps, losses, "--", marker="o", markersize=3, label="dpo (= diffusion_dpo)")
+        else:
+            curves.plot(steps, losses, label=name)
     curves.set(xlabel="step", ylabel="training loss (own objective)", title="training")
     curves.legend()
     names = list(results)

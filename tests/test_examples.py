@@ -41,6 +41,7 @@ def test_compare_losses_smoke(tmp_path):
     assert results["dpo"]["final_train_loss"] == pytest.approx(results["diffusion_dpo"]["final_train_loss"])
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
     assert "| poly_dpo |" in (tmp_path / "table.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comparison.png", "results.json", "table.md"]  # nothing else
 
 
 @pytest.mark.slow
