@@ -73,8 +73,10 @@ def main() -> None:
         if busy is not None:
             busy.kill()
     for threads, values in times.items():
-        print(f"{threads} thread(s): s/step min {min(values):.3f} median {statistics.median(values):.3f} "
-              f"max {max(values):.3f}")
+        print(
+            f"{threads} thread(s): s/step min {min(values):.3f} median {statistics.median(values):.3f} "
+            f"max {max(values):.3f}"
+        )
     ratios = [two / one for one, two in zip(times[1], times[2])]
     print(f"2 threads / 1 thread per round: {', '.join(f'{r:.2f}' for r in ratios)}")
 

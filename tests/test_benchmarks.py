@@ -25,3 +25,32 @@ def test_bench_step_smoke_measures_every_mode_and_states_each_target(tmp_path):
         assert figures["seconds_per_step"] > 0 and figures["peak_mb"] > 0, mode
     assert len(summary["targets"]) == 4
     assert "targets (ratio min/median/max over rounds)" in run.stdout
+
+
+def test_gpu_check_builds_the_published_sizes_and_dry_runs():
+    """The real-size configs give the published parameter counts (built on the meta device: nothing allocated), and
+    `gpu_check.sh --dry-run` runs every mode on tiny versions of the same models on the CPU."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    published = {"sd15": 859.52, "sdxl": 2567.46, "flux": 11901.41}  # millions of parameters
+    for size, millions in published.items():
+        with torch.device("meta"):
+            net, _, _ = gpu_check.build(size, tiny=False)
+        assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(millions, abs=0.01)
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith("| sd15") or line.startswith("| sdxl") or line.startswith("| flux")
+    ]
+    assert len(rows) == 12
+    skipped = [row for row in rows if "skipped" in row]
+    assert all("| compile |" in row for row in skipped) and len(skipped) == 3  # every other mode really ran
