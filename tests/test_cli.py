@@ -150,7 +150,7 @@ def test_cache_command_then_train_from_it(tmp_path, tiny_sd_path, parquet):
 
 def test_env_and_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "vipo_trl", "env"], capture_output=True, text=True, check=True).stdout
-    for name in ("vipo-trl", "torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "CUDA"):
+    for name in ("vipo-trl", "torch", "diffusers", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "CUDA"):
         assert name in out
 
 
