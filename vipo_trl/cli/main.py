@@ -222,7 +222,17 @@ def env(argv: list[str]) -> None:
     from .._version import __version__
 
     lines = {"vipo-trl": __version__, "python": platform.python_version(), "platform": platform.platform()}
-    for package in ("torch", "diffusers", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "av"):
+    for package in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "datasets",
+        "av",
+    ):
         try:
             lines[package] = version(package)
         except PackageNotFoundError:
