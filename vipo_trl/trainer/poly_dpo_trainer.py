@@ -175,7 +175,7 @@ class PolyDPOTrainer(Trainer):
             )
         self.family.to(self.accelerator.device)
         if self.ref_denoiser is not None:
-            self.ref_denoiser.to(self.accelerator.device)
+            self.ref_denoiser = self._prepare_reference(self.ref_denoiser)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -231,6 +231,19 @@ class PolyDPOTrainer(Trainer):
             family = self.family
             family.enable_gradient_checkpointing()
             denoiser.activation_checkpointing_enable = lambda **_: family.enable_gradient_checkpointing()
+
+    def _prepare_reference(self, reference: nn.Module) -> nn.Module:
+        """The frozen reference copy, placed as TRL's DPOTrainer places its reference: under DeepSpeed ZeRO-3 or FSDP
+        it is sharded like the policy (TRL's `prepare_deepspeed` / `prepare_fsdp`), not held whole on every rank."""
+        if self.is_deepspeed_enabled:
+            from trl.models.utils import prepare_deepspeed
+
+            return prepare_deepspeed(reference, self.accelerator)
+        if self.is_fsdp_enabled:
+            from trl.models.utils import prepare_fsdp
+
+            return prepare_fsdp(reference, self.accelerator)
+        return reference.to(self.accelerator.device)
 
     def _prepare_dataset(self, dataset: Any, args: PolyDPOConfig) -> Any:
         if dataset is None or isinstance(dataset, (PreferencePairs, StreamingPreferencePairs)):
