@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--kill_at", type=int, default=None)
     parser.add_argument("--kill_while_saving", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--full", action="store_true", help="full fine-tuning (a frozen reference copy) instead of LoRA"
+    )
     args = parser.parse_args()
 
     config = PolyDPOConfig(
@@ -76,7 +79,7 @@ def main() -> None:
         seed=0,
     )
     lora = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian")
-    trainer = PolyDPOTrainer(args.model, config, pickapic_dataset(12), peft_config=lora)
+    trainer = PolyDPOTrainer(args.model, config, pickapic_dataset(12), peft_config=None if args.full else lora)
     record = Record()
     trainer.add_callback(record)
     if args.kill_at:
@@ -92,14 +95,24 @@ def main() -> None:
         trainer._save_rng_state = dying_save
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     rank = trainer.args.process_index
-    state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items() if "lora_" in k}
+    if args.full:  # gathered whole from every shard (FSDP) as save_model would
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        state = {k: v.detach().float().contiguous() for k, v in (state or {}).items()}
+    else:
+        state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items() if "lora_" in k}
     save_file(state, os.path.join(args.out, f"final-rank{rank}.safetensors"))
-    save_file(record.first_grads or {}, os.path.join(args.out, f"first-step-grads-rank{rank}.safetensors"))
+    if not args.full:
+        save_file(record.first_grads or {}, os.path.join(args.out, f"first-step-grads-rank{rank}.safetensors"))
     if rank == 0:
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
         with open(os.path.join(args.out, "losses.json"), "w") as f:
             json.dump(losses, f)
-        run = {"executed_steps": record.steps, "world_size": trainer.args.world_size}
+        run = {
+            "executed_steps": record.steps,
+            "world_size": trainer.args.world_size,
+            "fsdp": trainer.is_fsdp_enabled,
+            "reference": type(trainer.ref_denoiser).__name__ if trainer.ref_denoiser is not None else None,
+        }
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump(run, f)
     torch.distributed.barrier() if torch.distributed.is_initialized() else None
