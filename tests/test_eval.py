@@ -415,7 +415,7 @@ def test_diagnose_recovers_a_known_flip_rate_and_tells_easy_from_clean(tmp_path)
     assert clean.consistency == easy.consistency == 1.0
     # A clean loser gets two of the prompt's three attributes right; an easy loser none.
     assert clean.easy_share < 0.2 < 0.8 < easy.easy_share
-    assert easy.suggested_alpha < 0 and clean.suggested_alpha == 0
+    assert "nearest to the alpha study's easy set" in easy.reason and "clean set" in clean.reason
 
     from vipo_trl.data import DataOptions
 
@@ -436,8 +436,16 @@ def test_summarize_and_suggest_alpha_by_hand():
     assert report.scorers["b"].agreement == 0.5
     assert report.consistency == 0.25  # only the first pair: both scorers prefer the winner
     assert report.easy_share == 0.0  # no scores under other prompts: nothing is called easy
-    assert suggest_alpha(0.25, 0.0)[0] == 8.0 and suggest_alpha(0.9, 0.0)[0] == 0.0
-    assert 0 < suggest_alpha(0.45, 0.0)[0] < 8 and suggest_alpha(0.9, 0.9)[0] == -1.0
+    from vipo_trl.eval import MEASURED_SETS, paper_alpha
+
+    # The paper's regimes, as read here.
+    assert paper_alpha(0.25, 0.0)[0] == 8.0 and paper_alpha(0.9, 0.0)[0] == 0.0
+    assert 0 < paper_alpha(0.45, 0.0)[0] < 8 and paper_alpha(0.9, 0.9)[0] == -1.0
+    # The suggestion is the alpha measured on the nearest studied set, each set mapping to itself.
+    for measured in MEASURED_SETS:
+        alpha, reason = suggest_alpha(measured.consistency, measured.easy_share)
+        assert alpha == measured.best_alpha and f"alpha study's {measured.name} set" in reason
+    assert "noisy set" in suggest_alpha(0.21, 0.0)[1]  # Pick-a-Pic v2's consistency is nearest the noisy set
 
 
 def test_eval_scores_base_and_lora_on_the_same_seeds_and_writes_its_report(tmp_path):

@@ -1,6 +1,15 @@
 """Evaluation: reward scorers, base-versus-aligned win rates, and the preference-set diagnosis that suggests alpha."""
 
-from .diagnose import Diagnosis, ScorerAgreement, diagnose, suggest_alpha, summarize
+from .diagnose import (
+    MEASURED_SETS,
+    Diagnosis,
+    MeasuredSet,
+    ScorerAgreement,
+    diagnose,
+    paper_alpha,
+    suggest_alpha,
+    summarize,
+)
 from .evaluate import (
     BUILTIN_PROMPTS,
     EvalResult,
@@ -22,6 +31,8 @@ from .stats import MeanInterval, WinRate, mean_interval, t_quantile, win_rate
 __all__ = [
     "BUILTIN_PROMPTS",
     "Diagnosis",
+    "MEASURED_SETS",
+    "MeasuredSet",
     "EvalResult",
     "MeanInterval",
     "RewardEvalCallback",
@@ -37,6 +48,7 @@ __all__ = [
     "get_scorer",
     "load_prompts",
     "mean_interval",
+    "paper_alpha",
     "register_scorer",
     "suggest_alpha",
     "summarize",

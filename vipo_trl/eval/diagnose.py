@@ -33,6 +33,10 @@ NOISY_CONSISTENCY, CLEAN_CONSISTENCY = 0.25, 0.6
 EASY_SHARE = 0.5
 #: The alpha the ViPO authors used on Pick-a-Pic v2, the noisiest regime.
 NOISY_ALPHA = 8.0
+#: What the alpha study measured on each set (docs/alpha_study/results.json, seeds 0-3, paired against alpha 0).
+CLEAN_FINDING = "no alpha beat Diffusion-DPO (alpha 0.5 lost 0.012 +- 0.011 reward; 4 seeds)"
+NOISY_FINDING = "no alpha in -1..8 beat Diffusion-DPO (every one within 0.006 of it; 4 seeds)"
+EASY_FINDING = "alpha -0.5 beat Diffusion-DPO by 0.012 +- 0.010 reward (the only alpha that did; 4 seeds)"
 
 
 @dataclass
@@ -85,27 +89,51 @@ class Diagnosis:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class MeasuredSet:
+    """A preference set of the alpha study: what `diagnose` reports for it and which alpha the study found best."""
+
+    name: str
+    consistency: float
+    easy_share: float
+    best_alpha: float
+    finding: str
+
+
+#: The alpha study (`examples/alpha_ablation.py`, results in docs/alpha_study) on the embedded default's three sets,
+#: with `diagnose`'s figures for each (the shapes reward as the one scorer, seed-0 sets). `best_alpha` is the grid's
+#: alpha whose paired gain over alpha 0 had a 95% interval above 0, or 0 when none had.
+MEASURED_SETS = (
+    MeasuredSet("clean", consistency=1.000, easy_share=0.072, best_alpha=0.0, finding=CLEAN_FINDING),
+    MeasuredSet("noisy", consistency=0.312, easy_share=0.122, best_alpha=0.0, finding=NOISY_FINDING),
+    MeasuredSet("easy", consistency=0.972, easy_share=0.618, best_alpha=-0.5, finding=EASY_FINDING),
+)
+
+
 def suggest_alpha(consistency: float, easy_share: float) -> tuple[float, str]:
-    """Alpha from the set's consistency and easy share, following the ViPO paper's regimes: over-simple data wants
-    alpha < 0, noisy and conflicting data alpha > 0, clean balanced data alpha near 0 (Diffusion-DPO)."""
-    if easy_share >= EASY_SHARE:
-        alpha = -0.5 if easy_share < 0.8 else -1.0
-        return (
-            alpha,
-            f"{100 * easy_share:.0f}% of pairs are trivially told apart (the loser hardly about its prompt): "
-            "over-simple data",
-        )
-    if consistency >= CLEAN_CONSISTENCY:
-        return 0.0, (
-            f"every scorer agrees with {100 * consistency:.0f}% of labels (at least {100 * CLEAN_CONSISTENCY:.0f}%): "
-            "consistent enough for Diffusion-DPO's regime"
-        )
-    share = min(1.0, (CLEAN_CONSISTENCY - consistency) / (CLEAN_CONSISTENCY - NOISY_CONSISTENCY))
-    alpha = round(NOISY_ALPHA * share, 1)
-    return alpha, (
-        f"all scorers agree with only {100 * consistency:.0f}% of labels: noisy, conflicting data "
-        f"(alpha grows to {NOISY_ALPHA:g} as consistency falls to {100 * NOISY_CONSISTENCY:.0f}%)"
+    """The alpha measured best on the alpha study's set nearest to this one (in consistency and easy share), and why.
+
+    This is a measurement on one toy world, three sets, not a law: the reason quotes what the study found there and
+    what the ViPO paper's regimes (`paper_alpha`) would say. No alpha is chosen automatically during training.
+    """
+    nearest = min(MEASURED_SETS, key=lambda m: (m.consistency - consistency) ** 2 + (m.easy_share - easy_share) ** 2)
+    paper, regime = paper_alpha(consistency, easy_share)
+    return nearest.best_alpha, (
+        f"consistency {100 * consistency:.0f}%, easy share {100 * easy_share:.0f}%: nearest to the alpha study's "
+        f"{nearest.name} set ({100 * nearest.consistency:.0f}%, {100 * nearest.easy_share:.0f}%), where "
+        f"{nearest.finding}; the ViPO paper's regimes would suggest {paper:+g} ({regime})"
     )
+
+
+def paper_alpha(consistency: float, easy_share: float) -> tuple[float, str]:
+    """Alpha from the ViPO paper's three regimes as read here (not measured): over-simple data wants alpha < 0, noisy
+    and conflicting data alpha > 0 (8 on Pick-a-Pic v2), clean balanced data alpha near 0 (Diffusion-DPO)."""
+    if easy_share >= EASY_SHARE:
+        return (-0.5 if easy_share < 0.8 else -1.0), "over-simple data"
+    if consistency >= CLEAN_CONSISTENCY:
+        return 0.0, "consistent data"
+    share = min(1.0, (CLEAN_CONSISTENCY - consistency) / (CLEAN_CONSISTENCY - NOISY_CONSISTENCY))
+    return round(NOISY_ALPHA * share, 1), "noisy, conflicting data"
 
 
 def pair_scores(
