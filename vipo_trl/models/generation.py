@@ -3,6 +3,7 @@ embedded default's synthetic sets and the training callback."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,7 +58,7 @@ def labelled_grid(rows: dict[str, list[Image.Image]], captions: Sequence[str] = 
     draw = ImageDraw.Draw(grid)
     chars = max(4, cell // 6)  # the default bitmap font is about 6 px per character
     for x, caption in enumerate(captions):
-        lines = [caption[i : i + chars] for i in range(0, len(caption), chars)][:2]
+        lines = textwrap.wrap(caption, chars)[:2]  # at word boundaries
         for line, text in enumerate(lines):
             draw.text((LABEL_WIDTH + x * cell + 2, 2 + 13 * line), text, fill="black")
     for y, (label, images) in enumerate(rows.items()):
