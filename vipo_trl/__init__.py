@@ -3,10 +3,8 @@ diffusion and flow models."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from ._version import __version__
+from .utils import lazy_exports
 
 # Imported on first use, so `vipo-trl --help` and `import vipo_trl` do not pay for torch, diffusers and transformers.
 _EXPORTS = {
@@ -23,11 +21,8 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module 'vipo_trl' has no attribute {name!r}")
-
-
 def __dir__() -> list[str]:
     return __all__
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

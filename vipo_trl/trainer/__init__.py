@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..utils import lazy_exports
 
 _EXPORTS = {
     "PolyDPOConfig": ".poly_dpo_config",
@@ -13,9 +12,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module 'vipo_trl.trainer' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
