@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One lent-GPU session's checks, in order of importance, each under its own time limit so the machine's budget holds:
+# the QLoRA check (issue 14), then the GPU check (issue 15). Expects the packages missing on the machine as wheels
+# in .whl/ (see /work/.library/device/README.md) and writes logs and JSON results to $OUT.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_session_out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, diffusers, transformers, peft, trl, datasets, bitsandbytes; print({m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft, trl, datasets, bitsandbytes)})"
+timeout "${QLORA_LIMIT:-150}" python3 benchmarks/qlora_check.py --out /tmp/qlora 2>&1 | grep -v "it/s\]" | tail -40 > "$OUT/qlora.log"
+cp /tmp/qlora/qlora_check.json "$OUT/" 2>/dev/null
+tail -25 "$OUT/qlora.log"
+timeout "${GPU_CHECK_LIMIT:-380}" python3 benchmarks/gpu_check.py --no-write --jsonl "$OUT/gpu_check.jsonl" --steps 5 2>&1 | tee "$OUT/gpu_check.log" | grep -v Warning
+echo "gpu_session done"
