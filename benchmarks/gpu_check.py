@@ -216,18 +216,28 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="turn off cuDNN's scaled-dot-product attention (flash or memory-efficient attention instead)",
+    )
     parser.add_argument("--jsonl", default=None, help="also append each row to this file as soon as it is measured")
     args = parser.parse_args()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device here; run with --dry-run to check the script on the CPU.")
     device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     pairs = {"sd15": 4, "sdxl": 2, "flux": 1} if not dry else {"sd15": 1, "sdxl": 1, "flux": 1}
     rows = []
     # torch.compile last: its compile time is the least important figure if the machine is taken back mid-way
     order = [(size, mode) for mode in args.modes if mode != "compile" for size in args.sizes]
     order += [(size, "compile") for size in args.sizes if "compile" in args.modes]
+    context_lost = False
     for size, mode in order:
+        if context_lost:
+            break
         if dry and mode == "compile":
             rows.append({"size": size, "mode": mode, "skipped": "not compiled in a CPU dry run"})
         else:
@@ -236,10 +246,14 @@ def main() -> None:
             except torch.cuda.OutOfMemoryError:
                 rows.append({"size": size, "mode": mode, "skipped": "out of memory"})
             except (ImportError, RuntimeError) as exc:  # recorded, so one failing mode does not cost the others
+                print(f"{size} {mode}: {type(exc).__name__}: {exc}", flush=True)
                 rows.append({"size": size, "mode": mode, "skipped": f"{type(exc).__name__}: {str(exc)[:80]}"})
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+                # the CUDA context is unusable after a device-side error: nothing more can run in this process
+                context_lost = isinstance(exc, getattr(torch, "AcceleratorError", ()))
+            if not context_lost:
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
         print(rows[-1], flush=True)
         if args.jsonl:
             with open(args.jsonl, "a") as f:

@@ -225,12 +225,15 @@ class PolyDPOTrainer(Trainer):
         if self.needs_reference and self.ref_adapter is None and (ref_model is not None or not self.is_lora):
             self.ref_denoiser = _reference_denoiser(self.family, ref_model).to(frozen_dtype).requires_grad_(False)
             self.ref_denoiser.eval()
-        if args.activation_checkpointing:
-            # Trainer switches checkpointing on through `activation_checkpointing_enable`, which transformers models
-            # have and diffusers networks do not: give the denoiser one that calls diffusers' own switch.
+        # `activation_checkpointing` since transformers 5.2x, `gradient_checkpointing` (now its alias) before
+        if getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing:
+            # Trainer switches checkpointing on through `activation_checkpointing_enable` (older transformers:
+            # `gradient_checkpointing_enable`), which transformers models have and diffusers networks do not: give
+            # the denoiser both, calling diffusers' own switch.
             family = self.family
             family.enable_gradient_checkpointing()
             denoiser.activation_checkpointing_enable = lambda **_: family.enable_gradient_checkpointing()
+            denoiser.gradient_checkpointing_enable = denoiser.activation_checkpointing_enable
 
     def _prepare_reference(self, reference: nn.Module) -> nn.Module:
         """The frozen reference copy, placed as TRL's DPOTrainer places its reference: under DeepSpeed ZeRO-3 or FSDP
