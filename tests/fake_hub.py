@@ -1,4 +1,5 @@
-"""A local stand-in for the few Hub endpoints an upload uses (create repo, preupload, commit), on 127.0.0.1.
+"""A local stand-in for the few Hub endpoints an upload uses (create repo, preupload, commit; model and dataset
+repos), on 127.0.0.1.
 
 It lets the real `huggingface_hub` client code run end to end with no network: every file is accepted as a
 regular (non-LFS) upload and kept in memory, with the request headers, for the test to inspect.
@@ -41,12 +42,13 @@ class FakeHub:
                     repo_id = f"{request.get('organization') or 'user'}/{request['name']}"
                     hub.repos.setdefault(repo_id, {})
                     return self._reply({"url": f"{hub.url}/{repo_id}"})
-                if parts[:2] == ["api", "models"] and parts[4] == "preupload":
+                repo_kinds = (["api", "models"], ["api", "datasets"])
+                if parts[:2] in repo_kinds and parts[4] == "preupload":
                     files = json.loads(body)["files"]
                     return self._reply(
                         {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
                     )
-                if parts[:2] == ["api", "models"] and parts[4] == "commit":
+                if parts[:2] in repo_kinds and parts[4] == "commit":
                     repo_id = f"{parts[2]}/{parts[3]}"
                     for line in body.splitlines():
                         item = json.loads(line)

@@ -1,14 +1,22 @@
-"""The `vipo-trl` command: `train`, `cache`, `eval`, `diagnose` and `env` (also `python -m vipo_trl`)."""
+"""The `vipo-trl` command: `train`, `cache`, `eval`, `pairs`, `diagnose` and `env` (also `python -m vipo_trl`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
 from typing import Any
 
 from ..utils import did_you_mean
-from .parser import CacheArguments, CliError, DiagnoseArguments, EvalArguments, VipoArgumentParser
+from .parser import (
+    CacheArguments,
+    CliError,
+    DiagnoseArguments,
+    EvalArguments,
+    PairsArguments,
+    VipoArgumentParser,
+)
 
 USAGE = """usage: vipo-trl <command> [flags]
 
@@ -16,6 +24,7 @@ commands:
   train    align a diffusion/flow model with Poly-DPO (or another preference loss)
   cache    precompute VAE latents and prompt embeddings into a latent cache
   eval     generate with a base model and base + LoRA, score both, report win rates
+  pairs    make a preference set from your own model: generate, score, pair, filter, publish
   diagnose score both images of each pair of a preference set: label agreement, consistency, suggested alpha
   env      print the versions to paste into a bug report
 
@@ -156,6 +165,7 @@ def evaluate(argv: list[str]) -> None:
             output_dir=args.output_dir,
             batch_size=args.batch_size,
             device=args.device,
+            pipeline_kwargs=_json_flag(args.pipeline_kwargs, "--pipeline_kwargs"),
         )
     except ValueError as exc:  # an unknown scorer, a bad prompt file, ...
         raise CliError(str(exc)) from None
@@ -171,6 +181,103 @@ def evaluate(argv: list[str]) -> None:
         )
     if embedded:
         print("(the embedded default's held-out samples, as `vipo-trl train` reports them, unless --seeds is given)")
+
+
+def _json_flag(value: str | None, flag: str) -> dict:
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{flag}: not valid JSON ({exc.msg}); e.g. '{{\"height\": 480}}'.") from None
+    if not isinstance(parsed, dict):
+        raise CliError(f"{flag}: give a JSON object, e.g. '{{\"height\": 480}}'.")
+    return parsed
+
+
+def pairs(argv: list[str]) -> None:
+    import torch
+
+    from ..data.pairing import PairFilters
+    from ..eval import get_scorer, make_pairs
+    from . import checks
+
+    parser = VipoArgumentParser([PairsArguments], prog="vipo-trl pairs")
+    (args,) = parser.parse(argv)
+    if args.push_to_hub and not args.hub_dataset_id:
+        raise CliError("--push_to_hub needs --hub_dataset_id (e.g. you/my-pairs).")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    embedded = not args.model_name_or_path
+    if embedded:
+        from diffusers import DDIMScheduler
+
+        from ..default import ALL_SCENES, load_default_pipeline
+
+        pipe = load_default_pipeline(args.lora)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the embedded model's sampler
+        pipes, names = {"vipo-trl embedded model" + (" + LoRA" if args.lora else ""): pipe}, ["embedded"]
+        prompts = args.prompts or [(scene.prompt, scene.shape) for scene in ALL_SCENES]
+        scorers, steps, guidance = args.scorers or ["shapes"], 20, 4.0
+    else:
+        from diffusers import DiffusionPipeline
+
+        checks.check_model(args.model_name_or_path[0])
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        pipes, names = {}, list(args.model_name_or_path)
+        for k, name in enumerate(names):
+            pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
+            if k == 0 and args.lora:
+                pipe.load_lora_weights(args.lora)
+                name = f"{name} + {args.lora}"
+            pipes[name] = pipe
+        prompts = args.prompts or "builtin"
+        scorers, steps, guidance = args.scorers or ["pickscore", "hpsv2", "imagereward"], 30, 7.5
+    for pipe in pipes.values():
+        pipe.to(device)
+    try:
+        from ..eval.pairs import load_prompt_set
+
+        items = load_prompt_set(prompts, args.prompt_column, args.category_column, args.num_prompts)
+        resolved = [get_scorer(name, device=device) if name != "shapes" else get_scorer(name) for name in scorers]
+        if args.judge_model:
+            resolved.append(get_scorer("vlm_judge", model=args.judge_model, aspect=args.judge_aspect, device=device))
+        result = make_pairs(
+            items,
+            pipes,
+            resolved,
+            args.output_dir,
+            samples_per_prompt=args.samples_per_prompt,
+            num_inference_steps=args.num_inference_steps or steps,
+            guidance_scale=args.guidance_scale if args.guidance_scale is not None else guidance,
+            pipeline_kwargs=_json_flag(args.pipeline_kwargs, "--pipeline_kwargs"),
+            combine=args.combine,
+            weights=args.weights,
+            pairing=args.pairing,
+            margin=args.margin,
+            filters=PairFilters(
+                consistent_only=args.consistent_only,
+                max_margin=args.max_margin,
+                balance=args.balance_categories,
+                seed=args.seed,
+            ),
+            prompts_per_shard=args.prompts_per_shard,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            describe={"models": names, "lora": args.lora},
+            push_to_hub=args.hub_dataset_id if args.push_to_hub else None,
+        )
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    if result is None:  # a non-main process of a multi-process run
+        return
+    stats = result.stats
+    per_category = ", ".join(f"{k}: {v}" for k, v in sorted(stats.per_category.items()))
+    print(f"{stats.pairs} pairs ({stats.candidate_pairs} candidates) written to {result.output_dir / 'data'}")
+    print(f"per category: {per_category}")
+    if stats.consistency is not None:
+        print(f"every scorer agrees on {100 * stats.consistency:.1f}% of the candidate pairs")
+    print(f"dataset card: {result.output_dir / 'README.md'}; train on it: vipo-trl train --dataset_name "
+          f"{result.output_dir / 'data'}")  # fmt: skip
 
 
 def diagnose(argv: list[str]) -> None:
@@ -245,7 +352,7 @@ def env(argv: list[str]) -> None:
     print("\n".join(f"- {k.ljust(width)}: {v}" for k, v in lines.items()))
 
 
-COMMANDS = {"train": train, "cache": cache, "eval": evaluate, "diagnose": diagnose, "env": env}
+COMMANDS = {"train": train, "cache": cache, "eval": evaluate, "pairs": pairs, "diagnose": diagnose, "env": env}
 
 
 def main(argv: list[str] | None = None) -> None:

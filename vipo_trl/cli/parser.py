@@ -54,6 +54,69 @@ class EvalArguments:
     batch_size: int = field(default=8, metadata={"help": "Images generated at once."})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
     output_dir: str = field(default="vipo-eval", metadata={"help": "Where results.json, grid.png, scores.png go."})
+    pipeline_kwargs: str | None = field(
+        default=None,
+        metadata={"help": 'Extra pipeline arguments as JSON, e.g. {"height": 480, "num_frames": 33}.'},
+    )
+
+
+@dataclass
+class PairsArguments:
+    """What `vipo-trl pairs` generates, how it scores and pairs, and where it writes."""
+
+    model_name_or_path: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Hub ids or folders of the pipelines to sample from (sample k of a prompt comes from model "
+            "k mod N); default: the embedded shapes model."
+        },
+    )
+    lora: str | None = field(
+        default=None, metadata={"help": "A LoRA loaded into the first model (pairs from an aligned model: a round)."}
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "builtin (categories), a .txt (one prompt per line, or category<TAB>prompt), or a dataset whose "
+            "--prompt_column to use; default: builtin, or the scene prompts for the embedded model."
+        },
+    )
+    prompt_column: str = field(default="caption", metadata={"help": "Prompt column when --prompts is a dataset."})
+    category_column: str | None = field(default=None, metadata={"help": "Category column when --prompts is a dataset."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    scorers: list[str] | None = field(
+        default=None,
+        metadata={"help": "Scorer names (default: pickscore hpsv2 imagereward; shapes for the embedded model)."},
+    )
+    judge_model: str | None = field(
+        default=None,
+        metadata={"help": "A vision-language model (e.g. Qwen/Qwen2.5-VL-7B-Instruct) that compares each pair."},
+    )
+    judge_aspect: str = field(
+        default="overall", metadata={"help": "What the judge is asked: overall, alignment, aesthetics, plausibility."}
+    )
+    samples_per_prompt: int = field(default=4, metadata={"help": "Samples drawn per prompt."})
+    combine: Literal["weighted_sum", "rank_average", "all_agree"] = field(
+        default="weighted_sum", metadata={"help": "How several scorers make one score."}
+    )
+    weights: list[float] | None = field(default=None, metadata={"help": "One weight per scorer (weighted_sum)."})
+    pairing: Literal["best_worst", "all_pairs"] = field(
+        default="best_worst", metadata={"help": "Best against worst per prompt, or every pair past --margin."}
+    )
+    margin: float = field(default=0.0, metadata={"help": "Pair only samples whose scores differ by more than this."})
+    consistent_only: bool = field(default=False, metadata={"help": "Keep only pairs every scorer orders alike."})
+    max_margin: float | None = field(default=None, metadata={"help": "Drop pairs easier than this margin."})
+    balance_categories: bool = field(default=False, metadata={"help": "Keep equally many pairs per category."})
+    num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps (default 30; 20)."})
+    guidance_scale: float | None = field(default=None, metadata={"help": "Classifier-free guidance (default 7.5; 4)."})
+    batch_size: int = field(default=8, metadata={"help": "Samples generated at once."})
+    prompts_per_shard: int = field(default=16, metadata={"help": "Prompts per shard file (the unit of resuming)."})
+    seed: int = field(default=0, metadata={"help": "Fixes every sample's noise."})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
+    pipeline_kwargs: str | None = field(default=None, metadata={"help": "Extra pipeline arguments as JSON."})
+    output_dir: str = field(default="vipo-pairs", metadata={"help": "Where shards, data/ and README.md go."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the set and its card as a dataset repo."})
+    hub_dataset_id: str | None = field(default=None, metadata={"help": "The dataset repo id for --push_to_hub."})
 
 
 @dataclass

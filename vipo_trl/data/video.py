@@ -59,3 +59,28 @@ def decode_video(value: Any, num_frames: int | None = None, fps: float | None = 
         rate = f" at {fps} fps" if fps else ""
         raise ValueError(f"the video gives {len(frames)} frames{rate}, fewer than num_frames={num_frames}")
     return frames
+
+
+def encode_video(frames: list[Image.Image], fps: int = 16) -> bytes:
+    """`frames` as mp4 bytes (H.264, yuv420p; odd sizes are padded by one pixel, as the codec needs even sides)."""
+    try:
+        import av
+    except ImportError as exc:  # pragma: no cover - av is a declared dependency of the video extra
+        raise ImportError("Encoding video files needs PyAV: pip install 'vipo-trl[video]'.") from exc
+    if not frames:
+        raise ValueError("encode_video: no frames.")
+    width, height = frames[0].size
+    width, height = width + width % 2, height + height % 2
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18"}
+        for image in frames:
+            canvas = Image.new("RGB", (width, height))
+            canvas.paste(image.convert("RGB"))
+            for packet in stream.encode(av.VideoFrame.from_image(canvas)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()

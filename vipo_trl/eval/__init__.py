@@ -1,4 +1,5 @@
-"""Evaluation: reward scorers, base-versus-aligned win rates, and the preference-set diagnosis that suggests alpha."""
+"""Evaluation: reward scorers (images, videos, a pairwise judge), base-versus-aligned win rates, the preference-set
+diagnosis that suggests alpha, and `make_pairs`, which makes a preference set from a model's own samples."""
 
 from .diagnose import (
     MEASURED_SETS,
@@ -18,6 +19,8 @@ from .evaluate import (
     generate_images,
     load_prompts,
 )
+from .judge import ASPECTS, PairwiseScorer, VLMJudge, order_consistent_verdict
+from .pairs import BUILTIN_CATEGORIES, PairsResult, finish_pairs, load_prompt_set, make_pairs
 from .scorers import (
     RewardScorer,
     available_scorers,
@@ -27,8 +30,22 @@ from .scorers import (
     register_scorer,
 )
 from .stats import MeanInterval, WinRate, mean_interval, t_quantile, win_rate
+from .video_scorers import FrameAveragedScorer, TemporalConsistencyScorer, for_videos, sample_frames
 
 __all__ = [
+    "ASPECTS",
+    "BUILTIN_CATEGORIES",
+    "FrameAveragedScorer",
+    "PairsResult",
+    "PairwiseScorer",
+    "TemporalConsistencyScorer",
+    "VLMJudge",
+    "finish_pairs",
+    "for_videos",
+    "load_prompt_set",
+    "make_pairs",
+    "order_consistent_verdict",
+    "sample_frames",
     "BUILTIN_PROMPTS",
     "Diagnosis",
     "MEASURED_SETS",

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from ..models.generation import generate_images, labelled_grid
 from .scorers import RewardScorer, get_scorer
 from .stats import WinRate, win_rate
+from .video_scorers import for_videos, is_video
 
 #: A small built-in prompt set for real text-to-image models (objects, counts, colours, positions, styles, text).
 BUILTIN_PROMPTS = [
@@ -130,15 +131,19 @@ def evaluate_alignment(
     batch_size: int = 8,
     device: str | None = None,
     torch_dtype: torch.dtype | None = None,
+    pipeline_kwargs: dict[str, Any] | None = None,
+    frames_scored: int = 8,
 ) -> EvalResult:
     """Score base and (when `lora` is given) base + LoRA on every prompt x seed; write `results.json`, `grid.png` and
-    `scores.png` to `output_dir` when given.
+    `scores.png` to `output_dir` when given. A video pipeline (Wan) is scored by each image scorer averaged over
+    `frames_scored` frames per video (and by `temporal_consistency` if named); the grid shows middle frames.
 
     Args:
         model: a diffusers pipeline, or its hub id / folder.
         lora: a LoRA folder or hub id for `pipe.load_lora_weights`; `None` scores the base only.
         scorers: names from `available_scorers()` or scorer objects.
         torch_dtype: the pipeline's dtype when loading it; default bfloat16 on a GPU, float32 on a CPU.
+        pipeline_kwargs: extra arguments of every pipeline call (e.g. `height`, `width`, `num_frames`).
     """
     from diffusers import DiffusionPipeline
 
@@ -152,8 +157,15 @@ def evaluate_alignment(
     scorers = resolve_scorers(scorers, device=device)
     all_prompts = [p for p in prompts for _ in seeds]
     all_seeds = [int(s) for _ in prompts for s in seeds]
-    generate = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
+    generate = dict(
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+        **(pipeline_kwargs or {}),
+    )
     base_images = generate_images(pipe, all_prompts, all_seeds, **generate)
+    if base_images and is_video(base_images[0]):
+        scorers = [for_videos(scorer, frames_scored) for scorer in scorers]
     result = EvalResult(all_prompts, all_seeds, score_all(scorers, base_images, all_prompts))
     aligned_images = None
     if lora:
@@ -175,11 +187,16 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
     (out / "results.md").write_text(result.table() + "\n")
-    rows = {"base": base_images[:8]}
+    rows = {"base": [_still(sample) for sample in base_images[:8]]}
     if aligned_images:
-        rows["aligned"] = aligned_images[:8]
+        rows["aligned"] = [_still(sample) for sample in aligned_images[:8]]
     labelled_grid(rows, result.prompts[:8], cell=GRID_CELL).save(out / "grid.png")
     plot_scores(result, out / "scores.png")
+
+
+def _still(sample: Any) -> Image.Image:
+    """An image for the grid: the image itself, or a video's middle frame."""
+    return sample[len(sample) // 2] if is_video(sample) else sample
 
 
 def plot_scores(result: EvalResult, path: Path) -> None:

@@ -11,6 +11,9 @@ Built in (`available_scorers()`), all on transformers, loading published weights
 * `aesthetic`: LAION aesthetic predictor v2 (`camenduru/improved-aesthetic-predictor`) on CLIP ViT-L/14 image
   embeddings; about 1-10.
 * `shapes`: the embedded default's programmatic reward (no weights); share of attributes right.
+* `vlm_judge`: a vision-language model comparing two images (`judge.VLMJudge`; pairwise, for `make_pairs`).
+* `temporal_consistency`: mean CLIP similarity of consecutive video frames (`video_scorers`); every image scorer
+  also scores videos through `video_scorers.FrameAveragedScorer`.
 
 Each scorer also takes the folder or hub id of weights in the same layout (tests pass tiny random models). `.pt`
 checkpoints are read with `torch.load(weights_only=True)`: tensors only, never arbitrary pickled objects.
@@ -86,6 +89,7 @@ def available_scorers() -> list[str]:
 
 def get_scorer(name: str, **kwargs: Any) -> RewardScorer:
     """A scorer by name; keyword arguments go to its constructor (e.g. `model=`, `device=`, `batch_size=`)."""
+    # (the judge and the video scorers register when `vipo_trl.eval` is imported, which importing this module does)
     if name not in _SCORERS:
         import difflib
 

@@ -19,9 +19,12 @@ def generate_images(
     guidance_scale: float = 7.5,
     batch_size: int = 8,
     progress: str | None = None,
-) -> list[Image.Image]:
+    **pipeline_kwargs: Any,
+) -> list[Any]:
     """One image per (prompt, seed); each image's noise comes from its own seeded generator, so base and aligned
-    pipelines start from the same noise. `progress` titles a progress bar over the images."""
+    pipelines start from the same noise. `progress` titles a progress bar over the images. A video pipeline (Wan)
+    gives one list of frames per (prompt, seed) instead. `pipeline_kwargs` go to every call (e.g. `height`,
+    `num_frames`)."""
     from tqdm.auto import tqdm
 
     pipe.set_progress_bar_config(disable=True)
@@ -35,11 +38,17 @@ def generate_images(
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=generators,
+            output_type="pil",
+            **pipeline_kwargs,
         )
-        if not hasattr(out, "images"):
-            raise ValueError(f"{type(pipe).__name__} does not return images; eval scores text-to-image pipelines.")
-        images += out.images
-        bar.update(len(out.images))
+        if hasattr(out, "frames"):  # a video pipeline: one list of PIL frames per sample
+            samples = [list(frames) for frames in out.frames]
+        elif hasattr(out, "images"):
+            samples = list(out.images)
+        else:
+            raise ValueError(f"{type(pipe).__name__} returns neither images nor frames; it cannot be sampled here.")
+        images += samples
+        bar.update(len(samples))
     bar.close()
     return images
 

@@ -1,0 +1,377 @@
+"""Making preference data (`make_pairs`, `vipo-trl pairs`): each stage on tiny models, the pairwise judge's A/B swap,
+video scores on a tiny Wan pipeline, resuming after a kill, the dataset card and the upload."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vipo_trl.data.pairing import (
+    PairFilters,
+    apply_filters,
+    balance_categories,
+    combine_scores,
+    consistent_with_every_scorer,
+    pair_indices,
+)
+from vipo_trl.eval import (
+    FrameAveragedScorer,
+    RewardScorer,
+    VLMJudge,
+    evaluate_alignment,
+    make_pairs,
+    order_consistent_verdict,
+    register_scorer,
+    sample_frames,
+)
+from vipo_trl.testing import save_tiny_vlm, sd_pipeline, wan_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Redness(RewardScorer):
+    """Mean red minus mean blue (0-255 scale): a cheap programmatic scorer; counts the images it scored."""
+
+    calls = 0
+
+    def _score_batch(self, images, prompts):
+        Redness.calls += len(images)
+        return torch.tensor([_channel_mean(im, 0) - _channel_mean(im, 2) for im in images])
+
+
+class Greenness(RewardScorer):
+    def _score_batch(self, images, prompts):
+        return torch.tensor([_channel_mean(im, 1) for im in images])
+
+
+def _channel_mean(image, channel):
+    return float(np.asarray(image.convert("RGB"), dtype=np.float32)[..., channel].mean())
+
+
+register_scorer("test_redness")(Redness)
+register_scorer("test_greenness")(Greenness)
+
+PROMPTS = [("a red square", "colour"), ("a blue circle", "colour"), ("two cats", "counting"), ("a sign", "text")]
+
+
+def _make(out, pipe=None, **kwargs):
+    settings = dict(samples_per_prompt=3, num_inference_steps=2, prompts_per_shard=2, progress=False)
+    settings.update(kwargs)
+    return make_pairs(PROMPTS, pipe or sd_pipeline(), ["test_redness"], out, **settings)
+
+
+# ---------------------------------------------------------------------------------------------- pure stages
+
+
+def test_combine_scores_and_the_pairing_rules_by_hand():
+    scores = torch.tensor([[1.0, 10.0], [3.0, 0.0], [2.0, 5.0]])  # 3 samples x 2 scorers
+    assert combine_scores(scores, "weighted_sum").tolist() == [11.0, 3.0, 7.0]
+    assert combine_scores(scores, "weighted_sum", [1.0, 0.1]).tolist() == pytest.approx([2.0, 3.0, 2.5])
+    # ranks per scorer (0 = worst): scorer 1 -> 0, 2, 1; scorer 2 -> 2, 0, 1
+    assert combine_scores(scores, "rank_average").tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="one per scorer"):
+        combine_scores(scores, "weighted_sum", [1.0])
+
+    combined = torch.tensor([0.2, 0.9, 0.6, 0.1])
+    assert pair_indices(combined, "best_worst") == [(1, 3)]
+    assert pair_indices(combined, "best_worst", margin=0.8) == []  # 0.9 - 0.1 is not past 0.8
+    # margins: (1,3) .8, (1,0) .7, (2,3) .5, (2,0) .4, (1,2) .3, (0,3) .1; the largest first
+    assert pair_indices(combined, "all_pairs", margin=0.35) == [(1, 3), (1, 0), (2, 3), (2, 0)]
+    assert pair_indices(torch.tensor([0.5]), "best_worst") == []
+
+
+def test_consistency_filter_on_a_hand_built_case():
+    scores = torch.tensor([[0.9, 0.8], [0.1, 0.2], [0.5, 0.9]])
+    assert consistent_with_every_scorer(scores, 0, 1)  # both scorers prefer 0 over 1
+    assert not consistent_with_every_scorer(scores, 0, 2)  # scorer 2 prefers 2
+    rows = [
+        {"prompt": "p", "category": "a", "consistent": True, "score_margin": 0.8, "judge": None},
+        {"prompt": "q", "category": "a", "consistent": False, "score_margin": 0.1, "judge": None},
+        {"prompt": "r", "category": "b", "consistent": True, "score_margin": 0.3, "judge": None},
+        {"prompt": "s", "category": "b", "consistent": True, "score_margin": 0.2, "judge": -1},
+    ]
+    kept, stats = apply_filters(rows, PairFilters(consistent_only=True, max_margin=0.5))
+    assert [r["prompt"] for r in kept] == ["r"]
+    assert stats.consistency == 0.75 and stats.candidate_pairs == 4 and stats.pairs == 1
+    assert stats.removed == {"judge_disagrees_or_order_inconsistent": 1, "scorers_disagree": 1, "too_easy": 1}
+    kept, _ = apply_filters(rows, PairFilters(judge_agrees=False))
+    assert len(kept) == 4
+
+
+def test_category_balance_keeps_the_smallest_count_of_each():
+    rows = [{"category": "a", "i": i} for i in range(5)] + [{"category": "b", "i": i} for i in range(2)]
+    kept = balance_categories(rows, seed=0)
+    assert sorted(r["category"] for r in kept) == ["a", "a", "b", "b"]
+    assert balance_categories(rows, seed=0) == kept  # seeded
+    assert [r for r in kept if r["category"] == "b"] == rows[5:]
+    assert balance_categories(rows[:3]) == rows[:3]  # one category: nothing to balance
+
+
+# ---------------------------------------------------------------------------------------------- make_pairs
+
+
+def test_make_pairs_is_reproducible_and_independent_of_the_shard_size(tmp_path):
+    a = _make(tmp_path / "a")
+    b = _make(tmp_path / "b", prompts_per_shard=3)
+    assert len(a.dataset) == len(PROMPTS)  # best vs worst: one pair per prompt
+    assert a.dataset["chosen"] == b.dataset["chosen"] and a.dataset["rejected"] == b.dataset["rejected"]
+    assert a.dataset["chosen_seed"] == b.dataset["chosen_seed"]
+    c = _make(tmp_path / "c", seed=1)
+    assert c.dataset["chosen"] != a.dataset["chosen"]  # the seed fixes the samples
+    row = a.dataset[0]
+    chosen, rejected = (Image.open(io.BytesIO(row[k])) for k in ("chosen", "rejected"))
+    scorer = Redness()
+    assert row["chosen_test_redness"] == pytest.approx(float(scorer.score([chosen], ["x"])), abs=1e-4)
+    assert row["chosen_test_redness"] > row["rejected_test_redness"]
+    assert row["score_margin"] == pytest.approx(row["chosen_score"] - row["rejected_score"])
+
+
+def test_make_pairs_with_two_scorers_two_pipelines_and_filters(tmp_path):
+    pipes = {"small": sd_pipeline(), "other": sd_pipeline("v_prediction")}
+    result = make_pairs(
+        PROMPTS * 2,
+        pipes,
+        ["test_redness", "test_greenness"],
+        tmp_path / "out",
+        samples_per_prompt=4,
+        num_inference_steps=2,
+        combine="rank_average",
+        pairing="all_pairs",
+        filters=PairFilters(balance=True),
+        progress=False,
+    )
+    data = result.dataset
+    assert set(data["chosen_generator"]) | set(data["rejected_generator"]) == {"small", "other"}
+    counts = {c: data["category"].count(c) for c in set(data["category"])}
+    assert len(set(counts.values())) == 1, counts  # balanced
+    assert result.stats.consistency == pytest.approx(
+        sum(
+            (r["chosen_test_redness"] > r["rejected_test_redness"])
+            and (r["chosen_test_greenness"] > r["rejected_test_greenness"])
+            for r in _shard_rows(tmp_path / "out")
+        )
+        / result.stats.candidate_pairs
+    )
+    # all_agree keeps only the pairs both scorers order alike (filters rerun without generating again)
+    again = make_pairs(
+        PROMPTS * 2, pipes, ["test_redness", "test_greenness"], tmp_path / "out", samples_per_prompt=4,
+        num_inference_steps=2, combine="rank_average", pairing="all_pairs",
+        filters=PairFilters(consistent_only=True), progress=False,
+    )  # fmt: skip
+    assert all(again.dataset["consistent"]) and len(again.dataset) < result.stats.candidate_pairs
+
+
+def _shard_rows(folder):
+    import pyarrow.parquet as pq
+
+    return [r for p in sorted((folder / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path):
+    _make(tmp_path / "out")
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        _make(tmp_path / "out", samples_per_prompt=4)
+
+
+def test_resume_after_a_kill_mid_shard_regenerates_only_that_shard(tmp_path):
+    """A build killed (SIGKILL) while scoring its third shard keeps the two finished shards; the rerun scores only
+    the rest and gives the same set as a build never interrupted."""
+    script = ROOT / "tests" / "scripts" / "make_pairs_run.py"
+    out = tmp_path / "killed"
+    killed = subprocess.run([sys.executable, str(script), str(out), "--kill_after_images", "7"], capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert sorted(p.name for p in (out / "shards").glob("*.parquet")) == ["shard-00000.parquet", "shard-00001.parquet"]
+    resumed = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["images_scored"] == 6  # shards 2 and 3 (3 + 3 samples)
+    whole = subprocess.run([sys.executable, str(script), str(tmp_path / "whole")], capture_output=True, text=True)
+    assert json.loads(whole.stdout.strip().splitlines()[-1])["images_scored"] == 12
+    read = [_published(folder) for folder in (out, tmp_path / "whole")]
+    assert read[0] == read[1] and len(read[0]) == 4
+
+
+def _published(folder):
+    import pyarrow.parquet as pq
+
+    rows = [r for p in sorted((folder / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+
+
+def test_dataset_card_and_the_set_loads_back_and_uploads(tmp_path, monkeypatch):
+    from datasets import load_dataset
+    from fake_hub import FakeHub
+
+    result = _make(tmp_path / "out", filters=PairFilters(balance=True))
+    card = (tmp_path / "out" / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "path: data/train-*.parquet" in header
+    per_category = {c: result.dataset["category"].count(c) for c in set(result.dataset["category"])}
+    for category, count in per_category.items():
+        assert f"| {category} | {count} |" in card
+    assert "Consistency: 100.0% of the 4 candidate pairs" in card  # one scorer always agrees with itself
+    assert "| samples_per_prompt | 3 |" in card and "| filter: balance | true |" in card
+    loaded = load_dataset(str(tmp_path / "out"), split="train")  # the card's config finds the data files
+    assert loaded["prompt"] == result.dataset["prompt"]
+
+    import huggingface_hub.constants as constants
+
+    with FakeHub() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        from vipo_trl.data.pairing import PairsFolder
+
+        PairsFolder(tmp_path / "out").push_to_hub("alice/pairs", token="hf_test")
+        files = hub.repos["alice/pairs"]
+    assert "README.md" in files and not any(name.startswith("shards/") for name in files)
+    published = [n for n in files if n.startswith("data/")]
+    assert published and files[published[0]] == (tmp_path / "out" / published[0]).read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- the judge
+
+
+def test_order_consistent_verdicts_by_hand():
+    assert order_consistent_verdict(True, False) == 1  # A first, then B once swapped: image 1 both times
+    assert order_consistent_verdict(False, True) == -1
+    assert order_consistent_verdict(True, True) == 0  # always the first shown: position, not image
+    assert order_consistent_verdict(False, False) == 0
+
+
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory):
+    return VLMJudge(save_tiny_vlm(tmp_path_factory.mktemp("vlm")), device="cpu", batch_size=3)
+
+
+def _steer(judge, rule):
+    """Make the tiny judge's A-vs-B logits follow `rule(pixel_values of A, of B)` (> 0: A) through a forward hook on
+    the real model, so the images reach the answer through the processor's real image order."""
+    a, b = judge.answer_ids
+
+    def hook(module, args, kwargs, output):
+        pixels = kwargs["pixel_values"]
+        first, second = pixels[0::2], pixels[1::2]  # two images per row, in the order shown
+        bias = rule(first, second)
+        output.logits[:, -1, a] += 50 * bias
+        output.logits[:, -1, b] -= 50 * bias
+        return output
+
+    return judge.model.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_the_judge_swaps_a_and_b_and_keeps_only_order_consistent_verdicts(judge):
+    red, blue = Image.new("RGB", (20, 20), (220, 20, 20)), Image.new("RGB", (20, 20), (20, 20, 220))
+    first, second, prompts = [red, blue, red], [blue, red, red], ["a red square"] * 3
+    # the random judge: whatever it says, a verdict is antisymmetric in the order of the two images
+    assert torch.equal(judge.compare(first, second, prompts), -judge.compare(second, first, prompts))
+
+    redder = lambda x, y: torch.sign(x[:, 0].mean((1, 2)) - y[:, 0].mean((1, 2)))  # noqa: E731
+    handle = _steer(judge, redder)
+    try:
+        assert judge.compare(first, second, prompts).tolist() == [1.0, -1.0, 0.0]  # a tie is no verdict
+    finally:
+        handle.remove()
+
+    handle = _steer(judge, lambda x, y: torch.ones(x.shape[0]))  # always answers A: pure position bias
+    try:
+        assert judge.compare(first, second, prompts).tolist() == [0.0, 0.0, 0.0]
+    finally:
+        handle.remove()
+
+
+def test_make_pairs_with_the_judge_alone_orders_pairs_by_its_verdicts(judge, tmp_path):
+    redder = lambda x, y: torch.sign(x[:, 0].mean((1, 2)) - y[:, 0].mean((1, 2)))  # noqa: E731
+    handle = _steer(judge, redder)
+    try:
+        result = make_pairs(PROMPTS[:2], sd_pipeline(), [judge], tmp_path / "j", samples_per_prompt=3,
+                            num_inference_steps=2, progress=False)  # fmt: skip
+    finally:
+        handle.remove()
+    for row in result.dataset:  # the steered judge prefers the image with more red (the red channel's mean)
+        chosen, rejected = (Image.open(io.BytesIO(row[k])) for k in ("chosen", "rejected"))
+        assert _channel_mean(chosen, 0) > _channel_mean(rejected, 0)
+    assert len(result.dataset) >= 4  # 3 pairs per prompt, minus exact ties
+    assert set(result.dataset["judge"]) == {1}
+
+
+# ---------------------------------------------------------------------------------------------- video
+
+
+WAN_CALL = {"height": 16, "width": 16, "num_frames": 9, "max_sequence_length": 8}
+
+
+def test_sample_frames_spreads_from_first_to_last():
+    video = list(range(9))
+    assert sample_frames(video, 3) == [0, 4, 8] and sample_frames(video, 20) == video
+    assert sample_frames(video, 1) == [0]
+
+
+def test_video_scores_are_frame_averages_on_a_tiny_wan_pipeline(tmp_path):
+    pipe = wan_pipeline()
+    result = evaluate_alignment(pipe, None, ["a red clip", "a cat"], ["test_redness"], seeds=(0,),
+                                num_inference_steps=2, pipeline_kwargs=WAN_CALL, frames_scored=3,
+                                output_dir=tmp_path / "eval", device="cpu")  # fmt: skip
+    from vipo_trl.models.generation import generate_images
+
+    videos = generate_images(pipe, ["a red clip", "a cat"], [0, 0], num_inference_steps=2, **WAN_CALL)
+    assert len(videos[0]) == 9
+    scorer = Redness()
+    by_hand = [float(scorer.score(sample_frames(v, 3), ["x"] * 3).mean()) for v in videos]
+    wrapped = FrameAveragedScorer(Redness(), num_frames=3)
+    assert wrapped.name == "scorer" and wrapped.score(videos, ["a", "b"]).tolist() == pytest.approx(by_hand, abs=1e-4)
+    # Wan's tiny VAE decodes a pixel level differently from call to call, so eval's own samples match to rounding
+    assert result.base_scores["test_redness"] == pytest.approx(by_hand, abs=0.5)
+    first_frames = [float(scorer.score(v[:1], ["x"])) for v in videos]
+    assert any(abs(a - b) > 0.5 for a, b in zip(by_hand, first_frames))  # averaging is not the first frame alone
+    assert (tmp_path / "eval" / "grid.png").exists()
+
+
+def test_video_pairs_are_written_as_mp4_and_decode_back(tmp_path):
+    from vipo_trl.data import decode_video
+
+    result = make_pairs([("a red clip", "video")], wan_pipeline(), ["test_redness"], tmp_path / "v",
+                        samples_per_prompt=2, num_inference_steps=2, pipeline_kwargs=WAN_CALL, frames_scored=3,
+                        progress=False)  # fmt: skip
+    row = result.dataset[0]
+    frames = decode_video(row["chosen"])
+    assert len(frames) == 9 and frames[0].size == (16, 16)
+    assert "text-to-video" in (tmp_path / "v" / "README.md").read_text()
+
+
+def test_temporal_consistency_is_one_for_a_still_video_and_lower_when_it_jumps(tmp_path):
+    from test_eval import tiny_clip
+
+    from vipo_trl.eval import get_scorer
+
+    scorer = get_scorer("temporal_consistency", model=tiny_clip(tmp_path / "clip"), device="cpu")
+    still = [Image.new("RGB", (30, 30), (200, 30, 30))] * 4
+    jumpy = [Image.new("RGB", (30, 30), c) for c in [(200, 30, 30), (30, 200, 30), (200, 30, 30), (30, 30, 200)]]
+    scores = scorer.score([still, jumpy])
+    assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] < 0.999
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+@pytest.mark.slow
+def test_pairs_command_with_no_model_builds_a_set_from_the_embedded_model(tmp_path, capsys):
+    from vipo_trl.cli.main import main
+
+    out = tmp_path / "pairs"
+    main(["pairs", "--num_prompts", "12", "--balance_categories", "--output_dir", str(out)])
+    text = capsys.readouterr().out
+    assert "pairs (" in text and "per category:" in text
+    from datasets import load_dataset
+
+    data = load_dataset(str(out), split="train")
+    counts = {c: data["category"].count(c) for c in set(data["category"])}
+    assert len(data) > 0 and len(set(counts.values())) == 1
+    assert all(c > r for c, r in zip(data["chosen_shapes"], data["rejected_shapes"]))
+    assert os.path.exists(out / "README.md")
