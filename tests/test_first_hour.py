@@ -223,3 +223,36 @@ def test_help_starts_with_the_method(capsys):
     for flag in ("--loss_type", "--beta", "--poly_alpha"):
         assert flag in head
     assert os.environ.get("VIPO_TRL_DEBUG") in (None, "", "0")
+
+
+@pytest.mark.parametrize("command", ["train", "cache", "eval", "pairs", "diagnose"])
+def test_shipped_help_is_what_the_parser_renders_now(command, capsys, monkeypatch):
+    """`--help` prints a text rendered ahead (no torch import): it must equal what the parser renders now. Rendered
+    with other transformers/trl versions than those installed, it is not used and the parser answers itself."""
+    from vipo_trl.cli.help import HELP_DIR, cached, render, rendered_with
+
+    header = (HELP_DIR / f"{command}.txt").read_text().partition("\n")[0]
+    if header == rendered_with():
+        assert cached(command) == render(command), f"stale: run `python -m vipo_trl.cli.help` ({command})"
+    else:
+        assert cached(command) is None
+    monkeypatch.setenv("COLUMNS", "110")  # the width the files are rendered at, for the live parser too
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == render(command)
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    from vipo_trl.cli.help import cached
+
+    code = (
+        "import sys\nfrom vipo_trl.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    expected = "False" if cached("train") is not None else "True"  # other versions: the live parser (imports torch)
+    assert out.strip().splitlines()[-1] == expected

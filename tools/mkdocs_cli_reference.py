@@ -33,7 +33,7 @@ def cli_reference() -> str:
     from transformers import TrainingArguments
     from trl import ModelConfig, ScriptArguments
 
-    from vipo_trl.cli.parser import CacheArguments, DiagnoseArguments, EvalArguments
+    from vipo_trl.cli.parser import CacheArguments, DiagnoseArguments, EvalArguments, PairsArguments
     from vipo_trl.trainer import PolyDPOConfig
     from vipo_trl.trainer.poly_dpo_config import docstring_help
 
@@ -54,6 +54,7 @@ def cli_reference() -> str:
         ),
         ("Latent cache (`cache`)", CacheArguments, [f.name for f in dataclasses.fields(CacheArguments)]),
         ("Evaluation (`eval`)", EvalArguments, [f.name for f in dataclasses.fields(EvalArguments)]),
+        ("Making preference pairs (`pairs`)", PairsArguments, [f.name for f in dataclasses.fields(PairsArguments)]),
         (
             "Preference-set diagnosis (`diagnose`)",
             DiagnoseArguments,

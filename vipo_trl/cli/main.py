@@ -9,14 +9,8 @@ import sys
 from typing import Any
 
 from ..utils import did_you_mean
-from .parser import (
-    CacheArguments,
-    CliError,
-    DiagnoseArguments,
-    EvalArguments,
-    PairsArguments,
-    VipoArgumentParser,
-)
+from .help import cached, parser_for
+from .parser import CliError
 
 USAGE = """usage: vipo-trl <command> [flags]
 
@@ -65,12 +59,11 @@ def _trainer_inputs(model_args: Any, config: Any) -> tuple[Any, Any]:
 
 
 def train(argv: list[str]) -> None:
-    from trl import ModelConfig, ScriptArguments
 
-    from ..trainer import PolyDPOConfig, PolyDPOTrainer
+    from ..trainer import PolyDPOTrainer
     from . import checks
 
-    parser = VipoArgumentParser([ScriptArguments, ModelConfig, PolyDPOConfig], prog="vipo-trl train")
+    parser = parser_for("train")
     script, model_args, config = parser.parse(argv)
     if script.ignore_bias_buffers:
         raise CliError("--ignore_bias_buffers is for language models trained with DDP; it has no effect here.")
@@ -113,11 +106,10 @@ def train(argv: list[str]) -> None:
 
 
 def cache(argv: list[str]) -> None:
-    from trl import ModelConfig, ScriptArguments
 
-    from ..trainer import PolyDPOConfig, build_latent_cache
+    from ..trainer import build_latent_cache
 
-    parser = VipoArgumentParser([ScriptArguments, ModelConfig, CacheArguments, PolyDPOConfig], prog="vipo-trl cache")
+    parser = parser_for("cache")
     script, model_args, cache_args, config = parser.parse(argv)
     if not (model_args.model_name_or_path and script.dataset_name and cache_args.cache_output):
         raise CliError("cache needs --model_name_or_path, --dataset_name and --cache_output.")
@@ -136,7 +128,7 @@ def cache(argv: list[str]) -> None:
 def evaluate(argv: list[str]) -> None:
     from ..eval import evaluate_alignment, load_prompts
 
-    parser = VipoArgumentParser([EvalArguments], prog="vipo-trl eval")
+    parser = parser_for("eval")
     (args,) = parser.parse(argv)
     embedded = args.model_name_or_path is None
     if embedded:
@@ -202,7 +194,7 @@ def pairs(argv: list[str]) -> None:
     from ..eval import get_scorer, make_pairs
     from . import checks
 
-    parser = VipoArgumentParser([PairsArguments], prog="vipo-trl pairs")
+    parser = parser_for("pairs")
     (args,) = parser.parse(argv)
     if args.push_to_hub and not args.hub_dataset_id:
         raise CliError("--push_to_hub needs --hub_dataset_id (e.g. you/my-pairs).")
@@ -276,8 +268,8 @@ def pairs(argv: list[str]) -> None:
     print(f"per category: {per_category}")
     if stats.consistency is not None:
         print(f"every scorer agrees on {100 * stats.consistency:.1f}% of the candidate pairs")
-    print(f"dataset card: {result.output_dir / 'README.md'}; train on it: vipo-trl train --dataset_name "
-          f"{result.output_dir / 'data'}")  # fmt: skip
+    card = result.output_dir / "README.md"
+    print(f"dataset card: {card}; train on it: vipo-trl train --dataset_name {result.output_dir}")
 
 
 def diagnose(argv: list[str]) -> None:
@@ -285,7 +277,7 @@ def diagnose(argv: list[str]) -> None:
 
     if argv and not argv[0].startswith("-"):  # `vipo-trl diagnose DATASET [flags]`
         argv = ["--dataset_name", argv[0], *argv[1:]]
-    (args,) = VipoArgumentParser([DiagnoseArguments], prog="vipo-trl diagnose").parse(argv)
+    (args,) = parser_for("diagnose").parse(argv)
     options = args.data_options()
     if args.dataset_name is None:
         raise CliError("name the preference set: vipo-trl diagnose DATASET (or default:clean|noisy|easy).")
@@ -366,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         hint = did_you_mean(command, COMMANDS)
         raise CliError(f"unknown command {command!r}.{hint} Commands: {', '.join(COMMANDS)}.")
+    if ("-h" in rest or "--help" in rest) and cached(command) is not None:
+        print(cached(command), end="")  # rendered ahead from the same parser: no torch import just to print text
+        raise SystemExit(0)  # as argparse's own --help
     quiet_known_warnings()
     try:
         COMMANDS[command](rest)
