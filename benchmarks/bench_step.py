@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MemoryProbe, pickapic_pairs, small_sd, spread  # noqa: E402
+from common import MemoryProbe, pickapic_pairs, sd15_sized, small_sd, spread  # noqa: E402
 
 MODES = {
     "reference": "reference loop: two full UNet copies, VAE + text encoder every step",
@@ -39,6 +39,8 @@ MODES = {
     "lora_cache": "PolyDPOTrainer, LoRA + latent cache",
     "lora_cache_gc": "PolyDPOTrainer, LoRA + latent cache + gradient checkpointing",
     "lora_cache_mapo": "PolyDPOTrainer, LoRA + latent cache, reference-free loss (MaPO)",
+    "lora_cache_sft": "PolyDPOTrainer, LoRA + latent cache, sft (chosen image only, no reference)",
+    "diffusers_lora": "diffusers-style LoRA loop: adapters disabled for the reference, VAE + text encoder every step",
 }
 #: Optional modes (`--extra`): not part of the targets.
 EXTRA_MODES = {
@@ -47,7 +49,8 @@ EXTRA_MODES = {
 BETA = 2000.0  # Diffusion-DPO's beta for SD 1.5
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
-# (name, numerator mode, denominator mode, quantity, target, "<=" or ">=")
+SECONDS = "seconds_per_step"
+# (name, numerator mode, denominator mode, quantity, target, "<=", "<" or ">=")
 TARGETS = [
     ("trainer overhead: full fine-tune time/step vs reference", "full", "reference", "seconds_per_step", 1.05, "<="),
     ("LoRA peak memory vs reference (two copies)", "lora", "reference", "peak_mb", 0.6, "<="),
@@ -60,6 +63,24 @@ TARGETS = [
         1.2,
         ">=",
     ),
+    (
+        "sft (chosen only) steps/s vs Poly-DPO (LoRA + cache)",
+        "lora_cache",
+        "lora_cache_sft",
+        "seconds_per_step",
+        1.5,
+        ">=",
+    ),
+    ("LoRA time/step vs the diffusers-style LoRA loop", "lora", "diffusers_lora", "seconds_per_step", 1.05, "<="),
+    ("LoRA peak memory vs the diffusers-style LoRA loop", "lora", "diffusers_lora", "peak_mb", 1.05, "<="),
+    (
+        "LoRA + cache time/step vs the diffusers-style LoRA loop",
+        "lora_cache",
+        "diffusers_lora",
+        "seconds_per_step",
+        1.0,
+        "<",
+    ),
 ]
 
 
@@ -70,8 +91,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def reference_loop(opts: argparse.Namespace) -> tuple[list[float], float]:
-    """Diffusion-DPO the way its reference script trains: returns step end times and peak memory (MB)."""
+def reference_loop(opts: argparse.Namespace, lora: bool = False) -> tuple[list[float], float]:
+    """Diffusion-DPO the way its reference script trains (two full UNet copies), or with `lora` the way diffusers'
+    `train_diffusion_dpo.py` trains (one UNet with LoRA adapters, the reference = the same UNet with the adapters
+    disabled under `no_grad`); VAE and text encoder on every step either way. Returns step end times and peak memory
+    (MB)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -86,12 +110,25 @@ def reference_loop(opts: argparse.Namespace) -> tuple[list[float], float]:
     tokenizer = CLIPTokenizer.from_pretrained(opts.model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(opts.model, subfolder="text_encoder").to(device, dtype)
     vae = AutoencoderKL.from_pretrained(opts.model, subfolder="vae").to(device, dtype)
-    unet = UNet2DConditionModel.from_pretrained(opts.model, subfolder="unet").to(device).train()
-    ref_unet = UNet2DConditionModel.from_pretrained(opts.model, subfolder="unet").to(device, dtype).eval()
+    if lora:
+        from peft import LoraConfig
+
+        unet = UNet2DConditionModel.from_pretrained(opts.model, subfolder="unet").to(device, dtype)
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_r, target_modules=LORA_TARGETS))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:  # trainable LoRA weights in float32, as the diffusers script casts them
+            p.data = p.data.float()
+        ref_unet = None
+    else:
+        unet = UNet2DConditionModel.from_pretrained(opts.model, subfolder="unet").to(device).train()
+        ref_unet = UNet2DConditionModel.from_pretrained(opts.model, subfolder="unet").to(device, dtype).eval()
+        params = list(unet.parameters())
     for frozen in (text_encoder, vae, ref_unet):
-        frozen.requires_grad_(False)
+        if frozen is not None:
+            frozen.requires_grad_(False)
     scheduler = DDPMScheduler.from_pretrained(opts.model, subfolder="scheduler")
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
     size = opts.resolution
 
     def to_tensor(data_bytes: bytes) -> torch.Tensor:
@@ -127,12 +164,19 @@ def reference_loop(opts: argparse.Namespace) -> tuple[list[float], float]:
             prediction = unet(noisy, timesteps, hidden).sample
         errors = (prediction.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
         with torch.no_grad():
-            ref_errors = (ref_unet(noisy, timesteps, hidden).sample.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
+            if lora:
+                unet.disable_adapters()
+            reference = unet if lora else ref_unet
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=opts.bf16):
+                ref_prediction = reference(noisy, timesteps, hidden).sample
+            if lora:
+                unet.enable_adapters()
+            ref_errors = (ref_prediction.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
         model_diff = errors[:b] - errors[b:]
         ref_diff = ref_errors[:b] - ref_errors[b:]
         loss = -F.logsigmoid(-0.5 * BETA * (model_diff - ref_diff)).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
@@ -158,7 +202,7 @@ def trainer_run(mode: str, opts: argparse.Namespace) -> tuple[list[float], float
         lr_scheduler_type="constant",
         optim="adamw_bnb_8bit" if mode.endswith("8bit") else "adamw_torch",
         beta=BETA,
-        loss_type=["mapo"] if mode.endswith("mapo") else ["poly_dpo"],
+        loss_type=["mapo"] if mode.endswith("mapo") else ["sft"] if mode.endswith("sft") else ["poly_dpo"],
         gradient_checkpointing=mode.endswith("_gc"),
         torch_compile=mode.endswith("compile"),
         bf16=opts.bf16,
@@ -193,7 +237,10 @@ def worker(mode: str, opts: argparse.Namespace) -> None:
     if opts.device == "cpu":
         torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
-    stamps, peak_mb = reference_loop(opts) if mode == "reference" else trainer_run(mode, opts)
+    if mode in ("reference", "diffusers_lora"):
+        stamps, peak_mb = reference_loop(opts, lora=mode == "diffusers_lora")
+    else:
+        stamps, peak_mb = trainer_run(mode, opts)
     # The first two steps are warm-up (allocator, lazy initialisation, compilation).
     seconds_per_step = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
     print(json.dumps({"mode": mode, "seconds_per_step": seconds_per_step, "peak_mb": peak_mb}))
@@ -208,6 +255,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--unet_width", type=int, default=64, help="small config: the UNet's base width")
+    parser.add_argument(
+        "--size",
+        choices=["small", "sd15"],
+        default="small",
+        help="the model built here: a small SD config, or SD1.5's real sizes (random weights; ~4 GB written to /tmp)",
+    )
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (frozen networks in bf16)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -237,7 +290,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     if opts.model is None:
         opts.model = str(work / "model")
-        small_sd(opts.model, unet_width=opts.unet_width, unet_levels=3)
+        if opts.size == "sd15":
+            sd15_sized(opts.model)
+        else:
+            small_sd(opts.model, unet_width=opts.unet_width, unet_levels=3)
     pairs = max(4 * opts.batch, 16)
     pickapic_pairs(pairs, opts.resolution * 2).save_to_disk(str(work / "data"))
     opts.data, opts.cache = str(work / "data"), str(work / "cache")
@@ -272,9 +328,10 @@ def report(opts: argparse.Namespace, rounds: list[dict[str, dict]]) -> None:
     def median(mode: str, key: str) -> float:
         return statistics.median(r[mode][key] for r in rounds)
 
+    name = opts.model if "/" in opts.model and not opts.model.startswith("/") else opts.size + " SD config"
+    width = 320 if opts.size == "sd15" else opts.unet_width
     print(
-        f"\nmodel {opts.model if '/' in opts.model and not opts.model.startswith('/') else 'small SD config'}"
-        f" (UNet width {opts.unet_width}), batch {opts.batch} pairs, {opts.resolution}px, "
+        f"\nmodel {name} (UNet width {width}), batch {opts.batch} pairs, {opts.resolution}px, "
         f"{'bf16' if opts.bf16 else 'fp32'}, device {opts.device}, {opts.repeats} rounds of {opts.steps} timed steps"
     )
     print("| mode | s/step (median) | steps/s vs reference | peak MB (median) | peak vs reference |")
@@ -296,7 +353,8 @@ def report(opts: argparse.Namespace, rounds: list[dict[str, dict]]) -> None:
         if top not in opts.modes or bottom not in opts.modes:
             continue
         ratios = [r[top][key] / r[bottom][key] for r in rounds]
-        met = statistics.median(ratios) <= target if sense == "<=" else statistics.median(ratios) >= target
+        middle = statistics.median(ratios)
+        met = {"<=": middle <= target, "<": middle < target, ">=": middle >= target}[sense]
         print(f"  {name}: {spread(ratios)} (target {sense} {target}: {'met' if met else 'MISSED'})")
         summary["targets"].append({"name": name, "ratios": ratios, "target": target, "sense": sense, "met": met})
     if opts.json:

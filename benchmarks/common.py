@@ -115,6 +115,57 @@ def small_sd(path: str, unet_width: int = 32, unet_levels: int = 2, seed: int = 
     pipe.save_pretrained(path)
 
 
+def sd15_sized(path: str, seed: int = 0) -> None:
+    """A pipeline of Stable Diffusion 1.5's real sizes, random weights (nothing downloaded): its UNet (320/640/1280/1280
+    channels, cross-attention 768: 859.5M parameters), its VAE (128/256/512/512) and a CLIP ViT-L/14-sized text
+    encoder (12 layers of 768). Only the tokenizer is small (a short vocabulary; the encoder's size is unchanged but
+    for its embedding table)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from vipo_trl.testing import tiny_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(max_length=77)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            sample_size=64,
+        ),
+        vae=AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            sample_size=512,
+        ),
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                max_position_embeddings=77,
+                vocab_size=len(tokenizer),
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        ),
+        tokenizer=tokenizer,
+        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+
+
 def pickapic_pairs(n: int, image_size: int) -> Dataset:
     """`n` pairs in Pick-a-Pic v2's schema with PNG images of `image_size` pixels (larger than the training crop, as
     real data is)."""

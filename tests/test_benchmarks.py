@@ -20,10 +20,20 @@ def test_bench_step_smoke_measures_every_mode_and_states_each_target(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(out.read_text())
     (round_,) = summary["rounds"]
-    assert set(round_) == {"reference", "full", "full_8bit", "lora", "lora_cache", "lora_cache_gc", "lora_cache_mapo"}
+    assert set(round_) == {
+        "reference",
+        "full",
+        "full_8bit",
+        "lora",
+        "lora_cache",
+        "lora_cache_gc",
+        "lora_cache_mapo",
+        "lora_cache_sft",
+        "diffusers_lora",
+    }
     for mode, figures in round_.items():
         assert figures["seconds_per_step"] > 0 and figures["peak_mb"] > 0, mode
-    assert len(summary["targets"]) == 4
+    assert len(summary["targets"]) == 8
     assert "targets (ratio min/median/max over rounds)" in run.stdout
 
 
@@ -54,3 +64,15 @@ def test_gpu_check_builds_the_published_sizes_and_dry_runs():
     assert len(rows) == 12
     skipped = [row for row in rows if "skipped" in row]
     assert all("| compile |" in row for row in skipped) and len(skipped) == 3  # every other mode really ran
+
+
+def test_qlora_check_runs_its_code_on_the_cpu(tmp_path):
+    """`qlora_check.py --dry-run` (no quantization: bitsandbytes' 4-bit layers need CUDA) trains through the command
+    line, loads the LoRA into the official pipeline and finds its output changed, so the GPU script is ready."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "qlora_check.py"), "--dry-run", "--steps", "3", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "qlora_check.json").read_text())
+    assert result["failures"] == [] and result["lora_B_norm"] > 0 and result["image_change_max_abs"] > 1e-3
