@@ -69,8 +69,9 @@ def test_gpu_check_builds_the_published_sizes_and_dry_runs():
 def test_qlora_check_runs_its_code_on_the_cpu(tmp_path):
     """`qlora_check.py --dry-run` (no quantization: bitsandbytes' 4-bit layers need CUDA) trains through the command
     line, loads the LoRA into the official pipeline and finds its output changed, so the GPU script is ready."""
+    script = ROOT / "benchmarks" / "qlora_check.py"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "qlora_check.py"), "--dry-run", "--steps", "3", "--out", str(tmp_path)],
+        [sys.executable, str(script), "--dry-run", "--steps", "3", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
