@@ -1,6 +1,7 @@
 """A `make_pairs` build for the resume test: 4 prompts, 3 samples each, 1 prompt per shard, a programmatic scorer.
 With --kill_after_images N the process SIGKILLs itself once N images have been scored (mid-shard, nothing cleans up).
-Prints the number of images this run scored as its last line (JSON)."""
+Prints the number of images this process scored and its rank as its last line (JSON). Runs under `accelerate launch`
+too (each process generates its share of the shards)."""
 
 import argparse
 import json
@@ -36,4 +37,4 @@ scorer.name = "redness"
 prompts = ["a red square", "a blue circle", "two cats", "a sign"]
 make_pairs(prompts, sd_pipeline(), [scorer], args.out, samples_per_prompt=3, num_inference_steps=2,
            prompts_per_shard=1, progress=False)  # fmt: skip
-print(json.dumps({"images_scored": scorer.scored}))
+print(json.dumps({"images_scored": scorer.scored, "rank": int(os.environ.get("RANK", "0"))}), flush=True)

@@ -199,6 +199,10 @@ def pairs(argv: list[str]) -> None:
     if args.push_to_hub and not args.hub_dataset_id:
         raise CliError("--push_to_hub needs --hub_dataset_id (e.g. you/my-pairs).")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device is None:  # accelerate launch: this rank's device
+        from accelerate import PartialState
+
+        device = str(PartialState(cpu=not torch.cuda.is_available()).device)
     embedded = not args.model_name_or_path
     if embedded:
         from diffusers import DDIMScheduler

@@ -399,5 +399,6 @@ def _process_state() -> Any:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        return PartialState()
+        # without CUDA, accelerate sets up the processes only when told they run on the CPU (gloo)
+        return PartialState(cpu=not torch.cuda.is_available())
     return _SingleProcess()
