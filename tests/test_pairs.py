@@ -228,15 +228,18 @@ def test_dataset_card_and_the_set_loads_back_and_uploads(tmp_path, monkeypatch):
 
     result = _make(tmp_path / "out", filters=PairFilters(balance=True))
     card = (tmp_path / "out" / "README.md").read_text()
-    header = card.split("---")[1]
-    assert "path: data/train-*.parquet" in header
+    assert "- preference" in card.split("---")[1]
     per_category = {c: result.dataset["category"].count(c) for c in set(result.dataset["category"])}
     for category, count in per_category.items():
         assert f"| {category} | {count} |" in card
     assert "Consistency: 100.0% of the 4 candidate pairs" in card  # one scorer always agrees with itself
     assert "| samples_per_prompt | 3 |" in card and "| filter: balance | true |" in card
-    loaded = load_dataset(str(tmp_path / "out"), split="train")  # the card's config finds the data files
+    loaded = load_dataset(str(tmp_path / "out"), split="train")  # data/train-*.parquet is found by itself
     assert loaded["prompt"] == result.dataset["prompt"]
+    # another set in a folder of the same name loads its own rows (not a cached copy of the first folder's)
+    other = _make(tmp_path / "elsewhere" / "out", seed=7)
+    again = load_dataset(str(tmp_path / "elsewhere" / "out"), split="train")
+    assert again["chosen"] == other.dataset["chosen"] != loaded["chosen"]
 
     import huggingface_hub.constants as constants
 
@@ -393,3 +396,31 @@ def test_pairs_command_with_no_model_builds_a_set_from_the_embedded_model(tmp_pa
     assert len(data) > 0 and len(set(counts.values())) == 1
     assert all(c > r for c, r in zip(data["chosen_shapes"], data["rejected_shapes"]))
     assert os.path.exists(out / "README.md")
+
+
+def test_eval_and_pairs_commands_accept_a_wan_pipeline(tmp_path, capsys):
+    from datasets import load_dataset
+
+    from vipo_trl.cli.main import main
+    from vipo_trl.data import decode_video
+
+    model = tmp_path / "wan"
+    wan_pipeline().save_pretrained(model)
+    call = json.dumps(WAN_CALL)
+    main(["eval", "--model_name_or_path", str(model), "--prompts", str(_prompt_file(tmp_path)), "--seeds", "0",
+          "--scorers", "test_redness", "--num_inference_steps", "2", "--pipeline_kwargs", call, "--device", "cpu",
+          "--output_dir", str(tmp_path / "eval")])  # fmt: skip
+    assert "test_redness" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "eval" / "results.json").read_text())["base_scores"]["test_redness"]
+    assert len(scores) == 2
+    main(["pairs", "--model_name_or_path", str(model), "--prompts", str(_prompt_file(tmp_path)),
+          "--scorers", "test_redness", "--samples_per_prompt", "2", "--num_inference_steps", "2",
+          "--pipeline_kwargs", call, "--device", "cpu", "--output_dir", str(tmp_path / "pairs")])  # fmt: skip
+    data = load_dataset(str(tmp_path / "pairs"), split="train")
+    assert data["category"] == ["video", "video"] and len(decode_video(data[0]["rejected"])) == 9
+
+
+def _prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("video\ta red clip\nvideo\ta blue clip\n")
+    return path

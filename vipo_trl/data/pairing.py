@@ -280,15 +280,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def dataset_card(stats: PairsStats, settings: dict[str, Any], filters: PairFilters) -> str:
-    """A dataset card: the YAML header `datasets` reads, counts per category, margins, consistency, and the settings
-    that made the set."""
+    """A dataset card: tags, counts per category, margins, consistency, and the settings that made the set.
+
+    The header names no `configs`: `data/train-*.parquet` is the layout `datasets` and the Hub find by themselves, and
+    a local folder whose card lists `data_files` is cached by `datasets` under the folder's name and those relative
+    paths, so a second set in a folder of the same name (or a rebuilt one) would load the first one's rows."""
     lines = [
         "---",
-        "configs:",
-        "- config_name: default",
-        "  data_files:",
-        "  - split: train",
-        f"    path: {DATA_FOLDER}/train-*.parquet",
         "tags:",
         "- vipo-trl",
         "- preference",
