@@ -248,7 +248,9 @@ def make_pairs(
     return finish_pairs(folder.path, filters, push_to_hub=push_to_hub)
 
 
-def finish_pairs(output_dir: str | Path, filters: PairFilters | None = None, push_to_hub: str | None = None):
+def finish_pairs(
+    output_dir: str | Path, filters: PairFilters | None = None, push_to_hub: str | None = None
+) -> PairsResult:
     """Apply `filters` to every shard's candidate pairs and write the published set and its card (run again with
     other filters without generating again)."""
     import json
@@ -258,7 +260,7 @@ def finish_pairs(output_dir: str | Path, filters: PairFilters | None = None, pus
     folder = PairsFolder(output_dir)
     settings = json.loads((folder.path / "pairs_settings.json").read_text())
     rows = folder.read_shards()
-    kept, stats = apply_filters_checked(rows, filters or PairFilters())
+    kept, stats = _apply_filters_or_explain(rows, filters or PairFilters())
     if kept:
         from ..data.video import looks_like_video
 
@@ -270,7 +272,7 @@ def finish_pairs(output_dir: str | Path, filters: PairFilters | None = None, pus
     return PairsResult(Dataset.from_list(kept) if kept else Dataset.from_dict({}), stats, folder.path)
 
 
-def apply_filters_checked(rows: list[dict[str, Any]], filters: PairFilters):
+def _apply_filters_or_explain(rows: list[dict[str, Any]], filters: PairFilters):
     from ..data.pairing import apply_filters
 
     kept, stats = apply_filters(rows, filters)
