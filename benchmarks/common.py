@@ -62,16 +62,12 @@ def small_sd(path: str, unet_width: int = 32, unet_levels: int = 2, seed: int = 
     """SD-like proportions at a small width: 4-level VAE (8x downsampling, as SD's), a UNet of `unet_levels` levels
     (the last ones with cross-attention) with base width `unet_width`, and a 4-layer CLIP text encoder."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from vipo_trl.testing import tiny_clip_tokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    tokenizer = tiny_clip_tokenizer(max_length=77)
     widths = tuple(unet_width * min(2**i, 4) for i in range(unet_levels))
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(
+    unet, vae = (
+        UNet2DConditionModel(
             block_out_channels=widths,
             layers_per_block=2,
             sample_size=16,
@@ -83,7 +79,7 @@ def small_sd(path: str, unet_width: int = 32, unet_levels: int = 2, seed: int = 
             attention_head_dim=8,
             norm_num_groups=8,
         ),
-        vae=AutoencoderKL(
+        AutoencoderKL(
             block_out_channels=(32, 64, 64, 64),
             layers_per_block=2,
             in_channels=3,
@@ -93,26 +89,8 @@ def small_sd(path: str, unet_width: int = 32, unet_levels: int = 2, seed: int = 
             latent_channels=4,
             norm_num_groups=8,
         ),
-        text_encoder=CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=64,
-                intermediate_size=256,
-                num_attention_heads=4,
-                num_hidden_layers=4,
-                max_position_embeddings=77,
-                vocab_size=len(tokenizer),
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        ),
-        tokenizer=tokenizer,
-        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
-    pipe.save_pretrained(path)
+    _save_sd(path, unet, vae, hidden=64, intermediate=256, heads=4, layers=4)
 
 
 def sd15_sized(path: str, seed: int = 0) -> None:
@@ -121,22 +99,18 @@ def sd15_sized(path: str, seed: int = 0) -> None:
     encoder (12 layers of 768). Only the tokenizer is small (a short vocabulary; the encoder's size is unchanged but
     for its embedding table)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from vipo_trl.testing import tiny_clip_tokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    tokenizer = tiny_clip_tokenizer(max_length=77)
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(
+    unet, vae = (
+        UNet2DConditionModel(
             block_out_channels=(320, 640, 1280, 1280),
             layers_per_block=2,
             cross_attention_dim=768,
             attention_head_dim=8,
             sample_size=64,
         ),
-        vae=AutoencoderKL(
+        AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
             layers_per_block=2,
             down_block_types=("DownEncoderBlock2D",) * 4,
@@ -144,26 +118,40 @@ def sd15_sized(path: str, seed: int = 0) -> None:
             latent_channels=4,
             sample_size=512,
         ),
-        text_encoder=CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_attention_heads=12,
-                num_hidden_layers=12,
-                max_position_embeddings=77,
-                vocab_size=len(tokenizer),
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        ),
+    )
+    _save_sd(path, unet, vae, hidden=768, intermediate=3072, heads=12, layers=12)
+
+
+def _save_sd(path: str, unet, vae, hidden: int, intermediate: int, heads: int, layers: int) -> None:
+    """A StableDiffusionPipeline of `unet`, `vae`, a CLIP text encoder of the given size (a small tokenizer) and SD's
+    scheduler, saved to `path`."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from vipo_trl.testing import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer(max_length=77)
+    text = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        max_position_embeddings=77,
+        vocab_size=len(tokenizer),
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=CLIPTextModel(text),
         tokenizer=tokenizer,
         scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
+    ).save_pretrained(path)
 
 
 def pickapic_pairs(n: int, image_size: int) -> Dataset:
