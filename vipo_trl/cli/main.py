@@ -192,6 +192,7 @@ def pairs(argv: list[str]) -> None:
 
     from ..data.pairing import PairFilters
     from ..eval import get_scorer, make_pairs
+    from ..eval.evaluate import resolve_scorers
     from . import checks
 
     parser = parser_for("pairs")
@@ -234,7 +235,7 @@ def pairs(argv: list[str]) -> None:
         from ..eval.pairs import load_prompt_set
 
         items = load_prompt_set(prompts, args.prompt_column, args.category_column, args.num_prompts)
-        resolved = [get_scorer(name, device=device) if name != "shapes" else get_scorer(name) for name in scorers]
+        resolved = resolve_scorers(scorers, device=device)
         if args.judge_model:
             resolved.append(get_scorer("vlm_judge", model=args.judge_model, aspect=args.judge_aspect, device=device))
         result = make_pairs(

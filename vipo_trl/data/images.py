@@ -34,6 +34,13 @@ class BadRow(PreferenceDataError):
 BAD_ROW_REASONS = ("bad_label", "empty_prompt", "undecodable", "too_large", "size_mismatch")
 
 
+def encode_png(image: Image.Image) -> bytes:
+    """`image` as PNG bytes: how generated images are stored in preference sets (lossless, read by `decode_image`)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def decode_image(value: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """An RGB PIL image from a PIL image, encoded bytes, a `datasets.Image` dict (`bytes`/`path`), a file path, or an
     `[H, W, 3]` uint8 array. Raises `ValueError` with the reason; callers add the row and column. Images over

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +10,7 @@ import numpy as np
 from datasets import Dataset
 from PIL import Image
 
+from ..data.images import encode_png
 from ..models.generation import generate_images
 from .shapes import ALL_SCENES, COLORS, SHAPES, Scene, attribute_scores
 
@@ -50,12 +50,6 @@ def _confused(prompt: str, rng: np.random.Generator) -> str:
     else:
         scene = Scene(scene.color, str(rng.choice([s for s in SHAPES if s != scene.shape])), scene.position)
     return scene.prompt
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @dataclass
@@ -130,8 +124,8 @@ def make_preference_set(
             other = names[(prompt_index + 1 + rng.integers(len(names) - 1)) % len(names)]
             for k in range(min(pairs_per_prompt, len(by_prompt[other]))):
                 rows["prompt"].append(prompt)
-                rows["chosen"].append(_png(samples[best][0]))
-                rows["rejected"].append(_png(by_prompt[other][k][0]))
+                rows["chosen"].append(encode_png(samples[best][0]))
+                rows["rejected"].append(encode_png(by_prompt[other][k][0]))
             continue
         rng.shuffle(conflicts)
         rng.shuffle(candidates)
@@ -147,8 +141,8 @@ def make_preference_set(
                     decided += 1
                     agree += totals[0] > totals[1]
             rows["prompt"].append(prompt)
-            rows["chosen"].append(_png(samples[winner][0]))
-            rows["rejected"].append(_png(samples[loser][0]))
+            rows["chosen"].append(encode_png(samples[winner][0]))
+            rows["rejected"].append(encode_png(samples[loser][0]))
     n = len(rows["prompt"])
     if n == 0:
         raise ValueError(

@@ -20,15 +20,14 @@ share of the shards and the main process writes the final set.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
+from ..data.images import encode_png
 from ..data.pairing import (
     COMBINE_METHODS,
     PAIRING_RULES,
@@ -40,8 +39,9 @@ from ..data.pairing import (
     pair_indices,
 )
 from ..models.generation import generate_images
+from .evaluate import resolve_scorers
 from .judge import PairwiseScorer
-from .scorers import RewardScorer, get_scorer
+from .scorers import RewardScorer
 from .video_scorers import for_videos, is_video
 
 #: Built-in prompts in balanced categories, for a first pair set from a real text-to-image model.
@@ -127,12 +127,6 @@ class PairsResult:
     output_dir: Path
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def sample_seed(seed: int, prompt_index: int, sample_index: int, samples_per_prompt: int) -> int:
     """The generator seed of one sample: fixed by the run's seed and the sample's place, not by the process or shard
     that draws it, so a resumed or multi-process build draws the same samples."""
@@ -193,7 +187,7 @@ def make_pairs(
     if not pipes:
         listed = list(pipelines) if isinstance(pipelines, (list, tuple)) else [pipelines]
         pipes = {f"pipeline_{k}" if len(listed) > 1 else "pipeline": p for k, p in enumerate(listed)}
-    resolved = [get_scorer(s) if isinstance(s, str) else s for s in scorers]
+    resolved = resolve_scorers(scorers)
     judges = [s for s in resolved if isinstance(s, PairwiseScorer)]
     point = [s for s in resolved if not isinstance(s, PairwiseScorer)]
     if not point and not judges:
@@ -384,7 +378,7 @@ def _encode(sample: Any, fps: int) -> bytes:
         from ..data.video import encode_video
 
         return encode_video(sample, fps=fps)
-    return _png(sample)
+    return encode_png(sample)
 
 
 class _SingleProcess:
