@@ -45,6 +45,7 @@ MODES = {
 #: Optional modes (`--extra`): not part of the targets.
 EXTRA_MODES = {
     "lora_cache_compile": "PolyDPOTrainer, LoRA + latent cache + torch.compile (TrainingArguments.torch_compile)",
+    "lora_workers": "PolyDPOTrainer, LoRA, images decoded by 2 DataLoader workers (dataloader_num_workers=2)",
 }
 BETA = 2000.0  # Diffusion-DPO's beta for SD 1.5
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -205,6 +206,7 @@ def trainer_run(mode: str, opts: argparse.Namespace) -> tuple[list[float], float
         loss_type=["mapo"] if mode.endswith("mapo") else ["sft"] if mode.endswith("sft") else ["poly_dpo"],
         gradient_checkpointing=mode.endswith("_gc"),
         torch_compile=mode.endswith("compile"),
+        dataloader_num_workers=2 if mode.endswith("workers") else 0,
         bf16=opts.bf16,
         use_cpu=opts.device == "cpu",
         random_flip=False,

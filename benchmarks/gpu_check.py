@@ -206,6 +206,7 @@ def run_mode(size: str, mode: str, pairs: int, steps: int, device: str, dtype: t
         "s_per_step": step,
         "pairs_per_s": pairs / step,
         "peak_gib": peak,
+        "warmup_s": [round(t, 3) for t in times[:2]],  # the first holds torch.compile's compilation
     }
 
 

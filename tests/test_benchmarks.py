@@ -37,6 +37,17 @@ def test_bench_step_smoke_measures_every_mode_and_states_each_target(tmp_path):
     assert "targets (ratio min/median/max over rounds)" in run.stdout
 
 
+def test_profile_step_prints_each_modes_operators(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--smoke", "--rows", "5"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    for mode in ("lora", "diffusers_lora"):
+        section = run.stdout.split(f"=== {mode}:")[1].split("===")[0]
+        assert "s/step under the profiler" in section and "aten::" in section, mode
+
+
 def test_gpu_check_builds_the_published_sizes_and_dry_runs():
     """The real-size configs give the published parameter counts (built on the meta device: nothing allocated), and
     `gpu_check.sh --dry-run` runs every mode on tiny versions of the same models on the CPU."""

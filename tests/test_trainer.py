@@ -473,9 +473,18 @@ def test_bf16_mixed_precision_lora_keeps_trainable_weights_in_float32(tmp_path, 
     frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
     assert trainer.family.pipeline.text_encoder.dtype == torch.bfloat16
-    assert trainer.family.vae.dtype == torch.float32
+    assert trainer.family.vae.dtype == torch.bfloat16  # bf16 has float32's range: no float32 VAE needed
     trainer.train()
     assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_float16_keeps_the_vae_in_float32(tmp_path, tiny_sd_path):
+    """The SD VAEs overflow in float16: under it the VAE alone stays in float32."""
+    trainer = PolyDPOTrainer(
+        tiny_sd_path, config(tmp_path, torch_dtype="float16"), pickapic_dataset(4), peft_config=lora()
+    )
+    assert trainer.family.vae.dtype == torch.float32
+    assert trainer.family.pipeline.text_encoder.dtype == torch.float16
 
 
 def test_per_category_metrics_and_balanced_sampling(tmp_path, tiny_sd_path):

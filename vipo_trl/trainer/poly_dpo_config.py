@@ -160,8 +160,8 @@ class PolyDPOConfig(TrainingArguments):
         torch_dtype (`str` or `None`, *optional*, defaults to `None`):
             Dtype of the frozen weights: VAE, text encoder, the reference copy, and the base weights under LoRA.
             `None` follows mixed precision (`bfloat16` with `bf16=True`, `float16` with `fp16=True`, else
-            `float32`). Trainable weights are always kept in float32. The VAE always runs in float32, where the
-            SD VAE is known to overflow in float16.
+            `float32`). Trainable weights are always kept in float32. Under `float16` the VAE runs in float32
+            instead, since the SD VAEs overflow in float16.
         gradient_checkpointing / activation_checkpointing (`bool`, *optional*, defaults to `False`):
             Recompute the denoiser's activations in the backward pass to save memory (inherited field).
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
