@@ -101,3 +101,60 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, tiny
         # ...and the same weights, up to float rounding (the all-reduce sums in another order) that Adam and a
         # learning rate of 1e-2 amplify on near-zero gradients.
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-2, atol=2e-3)
+
+
+def fsdp_launch(port: int) -> list[str]:
+    """Two CPU processes under FSDP 2 (gloo). accelerate turns FSDP on CPUs into plain multi-CPU data parallelism;
+    the script's --cpu_fsdp keeps the FSDP plugin, so the sharded code paths run here as they would on GPUs."""
+    config = str(Path(__file__).parent / "scripts" / "fsdp_cpu.yaml")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
+    return [*launch, "--main_process_port", str(port), SCRIPT, "--cpu_fsdp"]
+
+
+@pytest.mark.slow
+def test_fsdp_full_fine_tuning_shards_the_reference_and_equals_one_process(tmp_path, tiny_sd_path):
+    from diffusers import UNet2DConditionModel
+
+    common = ["--model", tiny_sd_path, "--full", "--steps", "3", "--save_steps", "100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*common, "--out", one, "--batch", 2)
+    result = subprocess.run(
+        [*fsdp_launch(29561), *common, "--out", str(two), "--batch", "1"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = run_facts(two)
+    assert facts["fsdp"] and facts["world_size"] == 2
+    # The frozen reference copy is sharded like the policy (prepared as trl prepares its reference), not whole.
+    assert facts["reference"].startswith("FSDP")
+    assert facts["reference_local_numel"] <= facts["reference_numel"] // 2 + 64
+    # Same rows, same noise per row, the gradient reduce-scattered over 2 ranks: the run of 1 process at batch 2.
+    for step, value in losses(one).items():
+        assert losses(two)[step] == pytest.approx(value, rel=1e-4)
+    single, sharded = final_state(one), final_state(two)
+    assert single.keys() == sharded.keys()
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], rtol=1e-2, atol=2e-3)
+    # The checkpoint holds the whole model, gathered from both ranks, loadable by diffusers.
+    saved = UNet2DConditionModel.from_pretrained(two / "checkpoint-3").state_dict()
+    for key in sharded:
+        torch.testing.assert_close(saved[key], sharded[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_trains_and_saves_the_lora_of_one_process(tmp_path, tiny_sd_path):
+    """LoRA's reference runs through the policy's own FSDP module (adapters disabled)."""
+    common = ["--model", tiny_sd_path, "--steps", "3", "--save_steps", "100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*common, "--out", one, "--batch", 2)
+    result = subprocess.run(
+        [*fsdp_launch(29562), *common, "--out", str(two), "--batch", "1"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_facts(two)["fsdp"] and run_facts(two)["world_size"] == 2
+    for step, value in losses(one).items():  # (step 2: 1.2e-4 apart, after one Adam step on summation-order noise)
+        assert losses(two)[step] == pytest.approx(value, rel=1e-3)
+    lora_one = load_file(one / "checkpoint-3" / "pytorch_lora_weights.safetensors")
+    lora_two = load_file(two / "checkpoint-3" / "pytorch_lora_weights.safetensors")
+    assert lora_one.keys() == lora_two.keys() and len(lora_one) > 0
+    for key in lora_one:
+        torch.testing.assert_close(lora_two[key], lora_one[key], rtol=1e-2, atol=2e-3)

@@ -47,6 +47,25 @@ class Record(TrainerCallback):
             }
 
 
+def allow_fsdp_on_cpu() -> None:
+    """accelerate decides FSDP only for accelerator devices: on CPU processes it keeps MULTI_CPU and drops the FSDP
+    plugin, although torch's FSDP 2 (`fully_shard`) runs on CPU tensors over gloo. Keep the plugin there, so the
+    sharded code paths (the policy's wrapping, the reference's `prepare_fsdp`, gathering the state dict) run on CPU."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *a, fsdp_plugin=None, **kw):
+        original(self, *a, fsdp_plugin=fsdp_plugin, **kw)
+        # every later AcceleratorState() copies PartialState's MULTI_CPU back over it: set FSDP again each time
+        self.fsdp_plugin = fsdp_plugin or getattr(self, "fsdp_plugin", None)
+        if self.fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -60,7 +79,14 @@ def main() -> None:
     parser.add_argument(
         "--full", action="store_true", help="full fine-tuning (a frozen reference copy) instead of LoRA"
     )
+    parser.add_argument(
+        "--cpu_fsdp",
+        action="store_true",
+        help="run FSDP on CPU processes (gloo), which accelerate otherwise turns into plain multi-CPU data parallelism",
+    )
     args = parser.parse_args()
+    if args.cpu_fsdp:
+        allow_fsdp_on_cpu()
 
     config = PolyDPOConfig(
         output_dir=args.out,
@@ -95,13 +121,13 @@ def main() -> None:
         trainer._save_rng_state = dying_save
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     rank = trainer.args.process_index
-    if args.full:  # gathered whole from every shard (FSDP) as save_model would
+    if args.full or trainer.is_fsdp_enabled:  # gathered whole from every shard (FSDP) as save_model would
         state = trainer.accelerator.get_state_dict(trainer.model)
-        state = {k: v.detach().float().contiguous() for k, v in (state or {}).items()}
+        state = {k: v.detach().float().contiguous() for k, v in (state or {}).items() if args.full or "lora_" in k}
     else:
         state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items() if "lora_" in k}
     save_file(state, os.path.join(args.out, f"final-rank{rank}.safetensors"))
-    if not args.full:
+    if not args.full and not trainer.is_fsdp_enabled:  # (under FSDP each rank holds a shard of each gradient)
         save_file(record.first_grads or {}, os.path.join(args.out, f"first-step-grads-rank{rank}.safetensors"))
     if rank == 0:
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
@@ -113,6 +139,10 @@ def main() -> None:
             "fsdp": trainer.is_fsdp_enabled,
             "reference": type(trainer.ref_denoiser).__name__ if trainer.ref_denoiser is not None else None,
         }
+        if trainer.ref_denoiser is not None:  # the reference's parameters held by this rank, against the whole
+            params = list(trainer.ref_denoiser.parameters())
+            run["reference_numel"] = sum(p.numel() for p in params)
+            run["reference_local_numel"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump(run, f)
     torch.distributed.barrier() if torch.distributed.is_initialized() else None

@@ -217,23 +217,29 @@ class DiffusionFamily(ABC):
 
     # ---------------------------------------------------------------- LoRA files
 
-    def lora_state_dict_for_saving(self, denoiser: nn.Module) -> dict[str, torch.Tensor]:
-        """The denoiser's LoRA weights in the key format the family's `load_lora_weights` reads."""
-        return get_peft_model_state_dict(denoiser)
+    def lora_state_dict_for_saving(
+        self, denoiser: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The denoiser's LoRA weights in the key format the family's `load_lora_weights` reads; taken from
+        `state_dict` (the denoiser's full state dict) when given, as it is under FSDP, where the module holds shards."""
+        return get_peft_model_state_dict(denoiser, state_dict=state_dict)
 
     def lora_state_dict_for_loading(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Inverse of `lora_state_dict_for_saving`, from a saved file's keys (prefix removed) to peft's."""
         return state
 
-    def save_lora(self, save_directory: str, denoiser: nn.Module) -> None:
+    def save_lora(
+        self, save_directory: str, denoiser: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Write the LoRA as `pytorch_lora_weights.safetensors` in the family's diffusers format, with its
-        `LoraConfig` as metadata, loadable by the pipeline's `load_lora_weights`."""
+        `LoraConfig` as metadata, loadable by the pipeline's `load_lora_weights`. `state_dict`: as in
+        `lora_state_dict_for_saving`."""
         name = self.denoiser_name
         self.pipeline_class.save_lora_weights(
             save_directory,
             weight_name=LORA_WEIGHT_NAME,
             **{
-                f"{name}_lora_layers": self.lora_state_dict_for_saving(denoiser),
+                f"{name}_lora_layers": self.lora_state_dict_for_saving(denoiser, state_dict),
                 f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
             },
         )
@@ -256,6 +262,18 @@ class DiffusionFamily(ABC):
     def describe(self) -> dict[str, Any]:
         """A few facts for logs and model cards."""
         return {"family": type(self).__name__, "pipeline": self.pipeline_class.__name__}
+
+
+def save_gathered_weights(denoiser: nn.Module, state_dict: dict[str, torch.Tensor], directory: str) -> None:
+    """Write a fully fine-tuned denoiser as its `save_pretrained` would (config, `diffusion_pytorch_model*.safetensors`
+    shards of at most 10 GB with an index), but from `state_dict`: the weights gathered from every rank under FSDP or
+    DeepSpeed, where the module itself holds only this rank's shards."""
+    from huggingface_hub import save_torch_state_dict
+
+    denoiser.save_config(directory)
+    state = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    pattern = "diffusion_pytorch_model{suffix}.safetensors"
+    save_torch_state_dict(state, directory, filename_pattern=pattern, max_shard_size="10GB")
 
 
 def randn_like_rows(reference: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

@@ -62,8 +62,10 @@ class StableDiffusionXLFamily(DDPMObjective, DiffusionFamily):
             return_dict=False,
         )[0]
 
-    def lora_state_dict_for_saving(self, denoiser: nn.Module) -> dict[str, torch.Tensor]:
-        return convert_state_dict_to_diffusers(super().lora_state_dict_for_saving(denoiser))
+    def lora_state_dict_for_saving(
+        self, denoiser: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        return convert_state_dict_to_diffusers(super().lora_state_dict_for_saving(denoiser, state_dict))
 
     def lora_state_dict_for_loading(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_unet_state_dict_to_peft(state)

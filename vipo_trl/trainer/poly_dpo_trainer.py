@@ -37,7 +37,7 @@ from ..data import (
 from ..data.sampling import BucketSampler
 from ..losses import DenoisingErrors, get_loss, implicit_rewards
 from ..models import DiffusionFamily, family_from_pipeline, load_family
-from ..models.base import LORA_WEIGHT_NAME, randn_like_rows
+from ..models.base import LORA_WEIGHT_NAME, randn_like_rows, save_gathered_weights
 from ..utils import stable_seed
 from .cache_builder import cache_settings
 from .model_card import build_model_card
@@ -348,8 +348,11 @@ class PolyDPOTrainer(Trainer):
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             # inference_mode skips autograd bookkeeping entirely; the clones turn the results back into ordinary
-            # tensors that the loss may combine with the policy's.
-            with torch.inference_mode():
+            # tensors that the loss may combine with the policy's. Not under FSDP with LoRA: the reference runs
+            # through the policy's own module, whose root keeps the weights it gathered for a forward; gathered in
+            # inference mode they would be inference tensors, on which the policy's forward builds no graph.
+            shared_fsdp_module = self.is_fsdp_enabled and self.ref_denoiser is None
+            with torch.no_grad() if shared_fsdp_module else torch.inference_mode():
                 ref_chosen, ref_rejected = errors_of(
                     self._reference_prediction(model, noisy_input, timesteps, conditioning)
                 )
@@ -540,10 +543,14 @@ class PolyDPOTrainer(Trainer):
         scratch = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
         try:
             denoiser = self.accelerator.unwrap_model(self.model)
+            # Under FSDP (FULL_STATE_DICT) and DeepSpeed, `save_model` passes the state dict gathered from every
+            # rank: the module's own parameters are shards then, and saving them would write (or fail on) shards.
             if self.is_lora:
-                self.family.save_lora(scratch, denoiser)
-            else:
+                self.family.save_lora(scratch, denoiser, state_dict)
+            elif state_dict is None:
                 denoiser.save_pretrained(scratch, safe_serialization=True)
+            else:
+                save_gathered_weights(denoiser, state_dict, scratch)
             with open(os.path.join(scratch, CONFIG_NAME), "w") as f:
                 json.dump({**self.args.to_dict(), "beta_resolved": self.beta}, f, indent=2, sort_keys=True)
             with open(os.path.join(scratch, "vipo_trl_model.json"), "w") as f:
