@@ -3,6 +3,7 @@ previous checkpoint usable, and two processes equal one process at the same glob
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,22 @@ def test_fsdp_lora_trains_and_saves_the_lora_of_one_process(tmp_path, tiny_sd_pa
     assert lora_one.keys() == lora_two.keys() and len(lora_one) > 0
     for key in lora_one:
         torch.testing.assert_close(lora_two[key], lora_one[key], rtol=1e-2, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_matches_the_uninterrupted_run(tmp_path, tiny_sd_path):
+    """Resuming loads the sharded module from accelerate's FSDP checkpoint, each rank its shards."""
+    launch = [*fsdp_launch(29563), "--model", tiny_sd_path, "--full", "--batch", "1", "--steps", "3"]
+    launch += ["--save_steps", "2", "--out", str(tmp_path)]
+    for extra in ([], ["--resume"]):
+        result = subprocess.run([*launch, *extra], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if not extra:  # as if killed after checkpoint-2: the last checkpoint and the results are gone
+            uninterrupted = final_state(tmp_path)
+            shutil.rmtree(tmp_path / "checkpoint-3")
+            for rank in (0, 1):
+                (tmp_path / f"final-rank{rank}.safetensors").unlink()
+    assert run_facts(tmp_path)["executed_steps"] == [3]  # resumed after checkpoint-2, not restarted
+    resumed = final_state(tmp_path)
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)

@@ -571,6 +571,10 @@ class PolyDPOTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self.is_fsdp_enabled:
+            # The sharded module loads accelerate's FSDP checkpoint (written beside ours by `Trainer`), each rank its
+            # shards; our safetensors files hold the gathered weights, for pipelines and the Hub.
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.is_lora:
             self.family.load_lora(resume_from_checkpoint, denoiser)
