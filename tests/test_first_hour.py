@@ -91,6 +91,31 @@ def test_default_run_resumes_from_latest(tmp_path, capsys, monkeypatch):
     assert seen["resume"] == "latest"
 
 
+@pytest.mark.parametrize("omp", [None, "2"])
+def test_default_run_takes_half_the_cores_unless_omp_num_threads_is_set(tmp_path, capsys, monkeypatch, omp):
+    """Beside another busy process, torch's threads on every core wait on each other (up to 5x slower measured): the
+    embedded run takes half the cores, and OMP_NUM_THREADS, when the user sets it, wins."""
+    import torch
+
+    import vipo_trl.default as default
+
+    seen = {}
+    monkeypatch.setattr(default, "run_default", lambda config: seen.setdefault("threads", torch.get_num_threads()))
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        main(["train", *common(tmp_path)])
+    finally:
+        torch.set_num_threads(before)
+    assert seen["threads"] == (4 if omp is None else 3)
+    assert ("4 of 8 CPU threads" in capsys.readouterr().out) == (omp is None)
+
+
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing loaded
 
 

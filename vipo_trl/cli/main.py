@@ -58,6 +58,20 @@ def _trainer_inputs(model_args: Any, config: Any) -> tuple[Any, Any]:
     return peft_config, get_quantization_config(model_args)
 
 
+def default_cpu_threads() -> int | None:
+    """Give the embedded default half the cores' intra-op threads (at least one) unless `OMP_NUM_THREADS` is set;
+    returns the count chosen, or None. torch takes every core, and beside one other busy process its threads wait
+    on each other: on 2 cores two threads were 1.26x faster alone but 1.7-5x slower than one thread beside a busy
+    process (benchmarks/RESULTS.md, bench_threads.py). A first run should not depend on an idle machine."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def train(argv: list[str]) -> None:
 
     from ..trainer import PolyDPOTrainer
@@ -75,6 +89,10 @@ def train(argv: list[str]) -> None:
         apply_default_settings(config, given=parser.given)
         checks.check_output_dir(config)
         checks.check_resume(config)
+        if config.use_cpu:
+            threads = default_cpu_threads()
+            if threads is not None:
+                print(f"vipo-trl: {threads} of {os.cpu_count()} CPU threads (set OMP_NUM_THREADS to choose)")
         run_default(config)
         return
     if model_args.model_name_or_path is None or script.dataset_name is None:

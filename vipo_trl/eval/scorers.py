@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-_SCORERS: dict[str, Callable[..., RewardScorer]] = {}
+from ..utils import Registry
+
+_SCORERS: Registry[Callable[..., RewardScorer]] = Registry("scorer")
 
 
 class RewardScorer:
@@ -71,32 +73,23 @@ class RewardScorer:
         return f"{type(self).__name__}(name={self.name!r}, device={self.device})"
 
 
-def register_scorer(name: str) -> Callable:
+def register_scorer(name: str, override: bool = False) -> Callable:
     """Register a scorer class or factory under `name` (used by `get_scorer`, `vipo-trl eval` and `diagnose`)."""
 
     def wrap(factory: Callable[..., RewardScorer]) -> Callable[..., RewardScorer]:
-        if name in _SCORERS:
-            raise ValueError(f"a scorer named {name!r} is already registered.")
-        _SCORERS[name] = factory
-        return factory
+        return _SCORERS.register(name, factory, override=override)
 
     return wrap
 
 
 def available_scorers() -> list[str]:
-    return sorted(_SCORERS)
+    return _SCORERS.names()
 
 
 def get_scorer(name: str, **kwargs: Any) -> RewardScorer:
     """A scorer by name; keyword arguments go to its constructor (e.g. `model=`, `device=`, `batch_size=`)."""
     # (the judge and the video scorers register when `vipo_trl.eval` is imported, which importing this module does)
-    if name not in _SCORERS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(_SCORERS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown scorer {name!r}.{hint} Available: {', '.join(available_scorers())}.")
-    scorer = _SCORERS[name](**kwargs)
+    scorer = _SCORERS.get(name)(**kwargs)
     scorer.name = name
     return scorer
 

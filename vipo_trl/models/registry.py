@@ -7,15 +7,17 @@ from typing import Any
 
 import torch
 
+from ..utils import Registry
 from .base import DiffusionFamily, DiffusionOptions
 
-_FAMILIES: dict[str, type[DiffusionFamily]] = {}
+#: `model_index.json` pipeline class names -> the family that trains them.
+_FAMILIES: Registry[type[DiffusionFamily]] = Registry("model family for pipeline")
 
 
 def register_family(cls: type[DiffusionFamily]) -> type[DiffusionFamily]:
     """Class decorator: route the `model_index.json` class names in `cls.pipeline_class_names` to `cls`."""
     for name in cls.pipeline_class_names:
-        _FAMILIES[name] = cls
+        _FAMILIES.register(name, cls, override=True)  # a user's family may take over a pipeline from a built-in one
     return cls
 
 
@@ -30,19 +32,18 @@ def _import_builtin_families() -> None:
 def supported_pipelines() -> list[str]:
     """Pipeline class names that vipo-trl can train."""
     _import_builtin_families()
-    return sorted(_FAMILIES)
+    return _FAMILIES.names()
 
 
 def family_for_pipeline(pipeline_class_name: str) -> type[DiffusionFamily]:
     """The family class for a `model_index.json` `_class_name`, or a clear error."""
     _import_builtin_families()
-    try:
-        return _FAMILIES[pipeline_class_name]
-    except KeyError:
-        raise ValueError(
-            f"Unsupported model family: its model_index.json names the pipeline {pipeline_class_name!r}. "
-            f"vipo-trl can train: {', '.join(supported_pipelines())}."
-        ) from None
+    if pipeline_class_name in _FAMILIES:
+        return _FAMILIES.get(pipeline_class_name)
+    raise ValueError(
+        f"Unsupported model family: its model_index.json names the pipeline {pipeline_class_name!r}. "
+        f"vipo-trl can train: {', '.join(supported_pipelines())}."
+    )
 
 
 def family_from_pipeline(pipeline: Any, options: DiffusionOptions | None = None) -> DiffusionFamily:
