@@ -79,9 +79,9 @@ class DiffusionFamily(ABC):
     ) -> DiffusionFamily:
         """Load the official pipeline from a hub id or local folder: the denoiser in float32 (trainable), everything
         else in `frozen_dtype`, but the VAE in float32 when `frozen_dtype` is float16 (the SD VAEs overflow there;
-        bfloat16 has float32's range, and a float32 VAE under bf16 made a GPU step 1.2x slower). With `encoders=False`
-        (training from a latent cache) the VAE, text encoders and tokenizers are not loaded at all. With
-        `quantization_config` (a diffusers or transformers `BitsAndBytesConfig`) the denoiser is loaded quantized,
+        bfloat16 has float32's range, and a float32 VAE costs GPU time every step, benchmarks/RESULTS.md). With
+        `encoders=False` (training from a latent cache) the VAE, text encoders and tokenizers are not loaded at all.
+        With `quantization_config` (a diffusers or transformers `BitsAndBytesConfig`) the denoiser is loaded quantized,
         computing in `frozen_dtype` (QLoRA)."""
         options = options or DiffusionOptions()
         vae_dtype = torch.float32 if frozen_dtype == torch.float16 else frozen_dtype

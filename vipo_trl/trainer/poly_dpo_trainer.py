@@ -549,6 +549,8 @@ class PolyDPOTrainer(Trainer):
                 self.family.save_lora(scratch, denoiser, state_dict)
             elif state_dict is None:
                 denoiser.save_pretrained(scratch, safe_serialization=True)
+            elif not state_dict:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save: Trainer passes {}
+                logger.warning("No gathered weights to write: the weights are in DeepSpeed's checkpoint files.")
             else:
                 save_gathered_weights(denoiser, state_dict, scratch)
             with open(os.path.join(scratch, CONFIG_NAME), "w") as f:
