@@ -6,14 +6,7 @@
 # /work/.library/device/README.md); writes logs and JSON to $OUT.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_followup_out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+source benchmarks/device_setup.sh
 quiet() { grep -v "should be kept in float32\|it/s\]\|examples/s\]\|FutureWarning\|deprecate(" ; }
 timeout "${BENCH_LIMIT:-300}" python3 benchmarks/bench_step.py --size sd15 --device cuda --bf16 --resolution 512 \
   --batch 4 --steps 8 --repeats 2 --modes lora diffusers_lora lora_workers --json "$OUT/bench_step_sd15_cuda.json" \

@@ -4,15 +4,7 @@
 # in .whl/ (see /work/.library/device/README.md) and writes logs and JSON results to $OUT.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu_session_out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, diffusers, transformers, peft, trl, datasets, bitsandbytes; print({m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft, trl, datasets, bitsandbytes)})"
+source benchmarks/device_setup.sh
 timeout "${QLORA_LIMIT:-150}" python3 benchmarks/qlora_check.py --out /tmp/qlora 2>&1 | grep -v "it/s\]" | tail -40 > "$OUT/qlora.log"
 cp /tmp/qlora/qlora_check.json "$OUT/" 2>/dev/null
 tail -25 "$OUT/qlora.log"
