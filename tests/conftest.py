@@ -19,6 +19,17 @@ from vipo_trl.testing import (  # noqa: E402,F401  (re-exported for the test mod
 )
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The command line's embedded run sets torch's thread count for its process; in-process tests must not leak it
+    into the tests after them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory) -> str:
     return save_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))

@@ -526,7 +526,7 @@ def test_a_save_that_fails_halfway_leaves_the_previous_save_whole(tmp_path, tiny
     weights = out / "pytorch_lora_weights.safetensors"
     before = load_file(weights)
 
-    def dying_save_lora(folder, denoiser):  # a crash in the middle of writing the weights file
+    def dying_save_lora(folder, denoiser, state_dict=None):  # a crash in the middle of writing the weights file
         with open(os.path.join(folder, "pytorch_lora_weights.safetensors"), "wb") as f:
             f.write(b"half a file")
         raise KeyboardInterrupt

@@ -171,6 +171,8 @@ def make_pairs(
         pairing, margin: which samples are paired (`vipo_trl.data.pairing.pair_indices`).
         filters: which pairs the published set keeps; `combine="all_agree"` implies `consistent_only`.
         prompts_per_shard: prompts per shard file; a killed build reruns only the shard in progress.
+        batch_size: samples generated at once, within one prompt's samples (so the set does not depend on the
+            shard size or the number of processes).
         describe: extra entries for the card's settings table (e.g. model ids).
         push_to_hub: a dataset repo id to upload the set and card to.
 
@@ -306,13 +308,16 @@ def _shard_rows(
         for k in range(samples_per_prompt)
     ]
     samples: dict[tuple[int, int], Any] = {}
+    # One prompt's samples per batch: a batch's make-up then depends on the prompt alone, not on how prompts are
+    # split into shards or processes (batched kernels round differently at other batch sizes, e.g. on one thread).
     for name in names:
-        todo = [p for p in plan if p[2] == name]
-        made = generate_images(
-            pipes[name], [chunk[i][0] for i, *_ in todo], [s for *_, s in todo], num_inference_steps=steps,
-            guidance_scale=guidance, batch_size=batch_size, **pipeline_kwargs,
-        )  # fmt: skip
-        samples.update({(i, k): sample for (i, k, _, _), sample in zip(todo, made)})
+        for prompt_index in range(len(chunk)):
+            todo = [p for p in plan if p[2] == name and p[0] == prompt_index]
+            made = generate_images(
+                pipes[name], [chunk[i][0] for i, *_ in todo], [s for *_, s in todo], num_inference_steps=steps,
+                guidance_scale=guidance, batch_size=batch_size, **pipeline_kwargs,
+            ) if todo else []  # fmt: skip
+            samples.update({(i, k): sample for (i, k, _, _), sample in zip(todo, made)})
     video = is_video(next(iter(samples.values())))
     scorers = [for_videos(s, frames_scored) if video else s for s in point]
     ordered = [samples[(i, k)] for i, k, _, _ in plan]
