@@ -569,3 +569,18 @@ def test_reward_callback_logs_scores_and_win_rate_during_training(tmp_path):
     assert [entry["step"] for entry in logged] == [2, 4]
     for entry in logged:
         assert 0.0 <= entry["reward/shapes"] <= 1.0 and 0.0 <= entry["reward/shapes_win_rate"] <= 1.0
+
+
+def test_load_prompts_reads_text_json_and_dataset_columns(tmp_path):
+    from vipo_trl.eval import load_prompts
+    from vipo_trl.eval.evaluate import BUILTIN_PROMPTS
+
+    (tmp_path / "p.txt").write_text("a red cat\n\n a blue dog \n")
+    (tmp_path / "p.json").write_text(json.dumps(["x", "y"]))
+    Dataset.from_dict({"caption": ["b", "a", "b"], "other": [1, 2, 3]}).to_parquet(str(tmp_path / "d.parquet"))
+    assert load_prompts(str(tmp_path / "p.txt")) == ["a red cat", "a blue dog"]
+    assert load_prompts(str(tmp_path / "p.json"), limit=1) == ["x"]
+    assert load_prompts(str(tmp_path / "d.parquet")) == ["b", "a"]  # unique, in order
+    assert load_prompts(None) == list(BUILTIN_PROMPTS)
+    with pytest.raises(ValueError, match=r"no column 'prompt'.*set --prompt_column"):
+        load_prompts(str(tmp_path / "d.parquet"), column="prompt")

@@ -110,7 +110,8 @@ def load_prompt_set(
         dataset = load_preference_dataset(source)
         for name in (column, category_column):
             if name is not None and name not in dataset.column_names:
-                raise ValueError(f"{source} has no column {name!r} (columns: {dataset.column_names}).")
+                flag = "--prompt_column" if name == column else "--category_column"
+                raise ValueError(f"{source} has no column {name!r} (columns: {dataset.column_names}); set {flag}.")
         categories = dataset[category_column] if category_column else [None] * len(dataset)
         items = list(dict.fromkeys(zip(dataset[column], categories)))  # unique, in order
     if not items:
