@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import FrozenDict
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
 from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
@@ -262,6 +263,19 @@ class DiffusionFamily(ABC):
     def describe(self) -> dict[str, Any]:
         """A few facts for logs and model cards."""
         return {"family": type(self).__name__, "pipeline": self.pipeline_class.__name__}
+
+
+class UNetLoraKeys:
+    """Mixin for the UNet families (SD 1.x/2.x, SDXL): LoRA files in diffusers' UNet key format, which their
+    pipelines' `load_lora_weights` reads, converted from and to peft's keys."""
+
+    def lora_state_dict_for_saving(
+        self, denoiser: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        return convert_state_dict_to_diffusers(super().lora_state_dict_for_saving(denoiser, state_dict))
+
+    def lora_state_dict_for_loading(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return convert_unet_state_dict_to_peft(state)
 
 
 def save_gathered_weights(denoiser: nn.Module, state_dict: dict[str, torch.Tensor], directory: str) -> None:

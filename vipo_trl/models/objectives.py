@@ -53,6 +53,9 @@ class DDPMObjective:
             return noisy, noise
         return noisy, self.noise_scheduler.get_velocity(latents, noise, timesteps)
 
+    def describe(self) -> dict:
+        return {**super().describe(), "prediction_type": self.noise_scheduler.config.prediction_type}
+
 
 class FlowMatchingObjective:
     """Rectified flow: `x_t = (1 - sigma) * x0 + sigma * noise`, target the velocity `noise - x0`. Timesteps are the

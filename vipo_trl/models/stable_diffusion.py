@@ -6,16 +6,15 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from torch import nn
 
-from .base import DiffusionFamily, DiffusionOptions
+from .base import DiffusionFamily, DiffusionOptions, UNetLoraKeys
 from .objectives import DDPMObjective
 from .registry import register_family
 
 
 @register_family
-class StableDiffusionFamily(DDPMObjective, DiffusionFamily):
+class StableDiffusionFamily(UNetLoraKeys, DDPMObjective, DiffusionFamily):
     """SD 1.x and 2.x: DDPM noising of VAE latents scaled by `scaling_factor`; the target follows the scheduler's
     `prediction_type` (SD 2.x 768px checkpoints use `v_prediction`)."""
 
@@ -45,14 +44,3 @@ class StableDiffusionFamily(DDPMObjective, DiffusionFamily):
     def predict(self, network: nn.Module, noisy_input, timesteps, conditioning, dtype) -> torch.Tensor:
         hidden = conditioning["encoder_hidden_states"].to(dtype)
         return network(noisy_input.to(dtype), timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
-
-    def lora_state_dict_for_saving(
-        self, denoiser: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
-        return convert_state_dict_to_diffusers(super().lora_state_dict_for_saving(denoiser, state_dict))
-
-    def lora_state_dict_for_loading(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return convert_unet_state_dict_to_peft(state)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "prediction_type": self.noise_scheduler.config.prediction_type}

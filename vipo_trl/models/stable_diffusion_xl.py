@@ -7,16 +7,15 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from torch import nn
 
-from .base import DiffusionFamily, DiffusionOptions
+from .base import DiffusionFamily, DiffusionOptions, UNetLoraKeys
 from .objectives import DDPMObjective
 from .registry import register_family
 
 
 @register_family
-class StableDiffusionXLFamily(DDPMObjective, DiffusionFamily):
+class StableDiffusionXLFamily(UNetLoraKeys, DDPMObjective, DiffusionFamily):
     """SDXL base: DDPM noising like SD 1.x; the UNet also reads the pooled text embedding and `add_time_ids`
     `(original height, original width, crop top, crop left, target height, target width)`, built per sample by the
     pipeline's own `_get_add_time_ids` from each image's original size and crop window."""
@@ -61,14 +60,3 @@ class StableDiffusionXLFamily(DDPMObjective, DiffusionFamily):
             added_cond_kwargs=added,
             return_dict=False,
         )[0]
-
-    def lora_state_dict_for_saving(
-        self, denoiser: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
-        return convert_state_dict_to_diffusers(super().lora_state_dict_for_saving(denoiser, state_dict))
-
-    def lora_state_dict_for_loading(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return convert_unet_state_dict_to_peft(state)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "prediction_type": self.noise_scheduler.config.prediction_type}
