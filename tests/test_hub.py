@@ -8,8 +8,8 @@ from fake_hub import FakeHub
 from peft import LoraConfig
 from safetensors.torch import load
 
-from vipo_trl import PolyDPOTrainer
-from vipo_trl.testing import pickapic_dataset, tiny_config
+from vipo_trl import PolyDPOConfig, PolyDPOTrainer
+from vipo_trl.testing import pickapic_dataset
 
 TOKEN = "hf_vipo_secret_token_1234567890"
 
@@ -29,8 +29,15 @@ def fake_hub(monkeypatch):
 
 def test_push_to_hub_uploads_lora_and_card_without_leaking_the_token(tmp_path, tiny_sd_path, fake_hub, caplog, capsys):
     caplog.set_level(logging.DEBUG)
-    args = tiny_config(
-        tmp_path / "sd-polydpo",
+    args = PolyDPOConfig(
+        output_dir=str(tmp_path / "sd-polydpo"),
+        resolution=16,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
         beta=2500.0,
         poly_alpha=0.5,
         push_to_hub=True,

@@ -9,15 +9,29 @@ import torch
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from vipo_trl import PolyDPOTrainer
+from vipo_trl import PolyDPOConfig, PolyDPOTrainer
 from vipo_trl.losses import implicit_rewards
-from vipo_trl.testing import pickapic_dataset, tiny_config
+from vipo_trl.testing import pickapic_dataset
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def config(tmp_path, **kw):
-    return tiny_config(**{"output_dir": tmp_path / "out", **kw})
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        resolution=16,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        learning_rate=1e-3,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    defaults.update(kw)
+    return PolyDPOConfig(**defaults)
 
 
 def lora(r=4):

@@ -100,26 +100,6 @@ def save_tiny_sd(path, prediction_type: str = "epsilon") -> str:
     return str(path)
 
 
-def tiny_config(output_dir, **overrides: Any):
-    """A `PolyDPOConfig` for a few CPU steps on the tiny models (16 px, 2 pairs, no saving, no reporting)."""
-    from .trainer import PolyDPOConfig
-
-    settings = dict(
-        output_dir=str(output_dir),
-        resolution=16,
-        per_device_train_batch_size=2,
-        max_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        learning_rate=1e-3,
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return PolyDPOConfig(**{**settings, **overrides})
-
-
 def png_bytes(color, size=(20, 16)) -> bytes:
     rng = np.random.default_rng(sum(color))
     array = np.clip(np.array(color, dtype=np.float32) + rng.normal(0, 10, (size[1], size[0], 3)), 0, 255)
