@@ -96,15 +96,24 @@ def resolve_scorers(scorers: Sequence[str | RewardScorer], **kwargs: Any) -> lis
 
 def load_prompts(source: str | None, column: str = "caption", limit: int | None = None) -> list[str]:
     """Prompts from a text file (one per line), a JSON list, a dataset file or folder (its `column`), or the built-in
-    set. Files and datasets are read as `load_prompt_set` reads them for `make_pairs`."""
+    set."""
     if source is None:
         prompts = list(BUILTIN_PROMPTS)
-    elif Path(source).suffix == ".json":
-        prompts = [str(p) for p in json.loads(Path(source).read_text())]
     else:
-        from .pairs import load_prompt_set  # (pairs imports this module)
+        path = Path(source)
+        if path.suffix == ".txt":
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        elif path.suffix == ".json":
+            prompts = [str(p) for p in json.loads(path.read_text())]
+        else:
+            from ..data import load_preference_dataset
 
-        prompts = [prompt for prompt, _ in load_prompt_set(source, column)]
+            dataset = load_preference_dataset(source)
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"{source} has no column {column!r} (columns: {dataset.column_names}); set --prompt_column."
+                )
+            prompts = list(dict.fromkeys(dataset[column]))  # unique, in order
     if not prompts:
         raise ValueError(f"no prompts found in {source}.")
     return prompts[:limit] if limit else prompts
