@@ -61,7 +61,7 @@ def _trainer_inputs(model_args: Any, config: Any) -> tuple[Any, Any]:
 def default_cpu_threads() -> int | None:
     """Give the embedded default half the cores' intra-op threads (at least one) unless `OMP_NUM_THREADS` is set;
     returns the count chosen, or None. torch takes every core, and beside one other busy process its threads wait
-    on each other: on 2 cores two threads were 1.26x faster alone but 1.7-5x slower than one thread beside a busy
+    on each other: on 2 cores two threads were 1.27x faster alone but 1.7-5x slower than one thread beside a busy
     process (benchmarks/RESULTS.md, bench_threads.py). A first run should not depend on an idle machine."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None

@@ -285,9 +285,8 @@ def save_gathered_weights(denoiser: nn.Module, state_dict: dict[str, torch.Tenso
     from huggingface_hub import save_torch_state_dict
 
     denoiser.save_config(directory)
-    state = {k: v.detach().contiguous() for k, v in state_dict.items()}
     pattern = "diffusion_pytorch_model{suffix}.safetensors"
-    save_torch_state_dict(state, directory, filename_pattern=pattern, max_shard_size="10GB")
+    save_torch_state_dict(state_dict, directory, filename_pattern=pattern, max_shard_size="10GB")
 
 
 def randn_like_rows(reference: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
