@@ -178,3 +178,86 @@ def test_fsdp_resume_matches_the_uninterrupted_run(tmp_path, tiny_sd_path):
     resumed = final_state(tmp_path)
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
+
+
+def zero3_launch(port: int, config: Path | None = None) -> list[str]:
+    """Two CPU processes under DeepSpeed ZeRO-3 (gloo: DeepSpeed's CPU accelerator without oneCCL)."""
+    config = config or Path(__file__).parent / "scripts" / "zero3_cpu.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    return [*launch, "--main_process_port", str(port), SCRIPT, "--deepspeed"]
+
+
+@pytest.mark.slow
+def test_zero3_full_fine_tuning_shards_the_reference_and_equals_one_process(tmp_path, tiny_sd_path):
+    """Also the frozen text encoder: transformers would load it partitioned under ZeRO-3 (empty parameters outside
+    any DeepSpeed engine); the trainer loads it whole."""
+    from diffusers import UNet2DConditionModel
+
+    common = ["--model", tiny_sd_path, "--full", "--steps", "3", "--save_steps", "100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*common, "--out", one, "--batch", 2)
+    result = subprocess.run(
+        [*zero3_launch(29581), *common, "--out", str(two), "--batch", "1"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = run_facts(two)
+    assert facts["deepspeed"] and facts["world_size"] == 2
+    # The frozen reference copy is partitioned like the policy (trl's prepare_deepspeed), not whole on each rank.
+    assert facts["reference"] == "DeepSpeedEngine"
+    assert facts["reference_local_numel"] <= facts["reference_numel"] // 2 + 64
+    for step, value in losses(one).items():  # (measured: at most 8e-5 apart, float summation order)
+        assert losses(two)[step] == pytest.approx(value, rel=2e-4)
+    single, sharded = final_state(one), final_state(two)
+    assert single.keys() == sharded.keys()
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], rtol=1e-2, atol=2e-3)
+    # The checkpoint holds the whole model, gathered from both ranks, loadable by diffusers.
+    saved = UNet2DConditionModel.from_pretrained(two / "checkpoint-3").state_dict()
+    for key in sharded:
+        torch.testing.assert_close(saved[key], sharded[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_zero3_lora_is_saved_without_gathering_the_whole_network(tmp_path, tiny_sd_path):
+    """With `zero3_save_16bit_model: false` DeepSpeed gathers no weights for saving; the LoRA is still written (the
+    trainer gathers only its parameters) and equals the LoRA of one process."""
+    config = tmp_path / "zero3_no_gather.yaml"
+    yaml = (Path(__file__).parent / "scripts" / "zero3_cpu.yaml").read_text()
+    config.write_text(yaml.replace("zero3_save_16bit_model: true", "zero3_save_16bit_model: false"))
+    common = ["--model", tiny_sd_path, "--steps", "3", "--save_steps", "100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*common, "--out", one, "--batch", 2)
+    result = subprocess.run(
+        [*zero3_launch(29582, config), *common, "--out", str(two), "--batch", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_facts(two)["deepspeed"] and run_facts(two)["reference"] is None  # LoRA: adapters disabled
+    for step, value in losses(one).items():
+        assert losses(two)[step] == pytest.approx(value, rel=1e-3)
+    lora_one = load_file(one / "checkpoint-3" / "pytorch_lora_weights.safetensors")
+    lora_two = load_file(two / "checkpoint-3" / "pytorch_lora_weights.safetensors")
+    assert lora_one.keys() == lora_two.keys() and len(lora_one) > 0
+    for key in lora_one:
+        torch.testing.assert_close(lora_two[key], lora_one[key], rtol=1e-2, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_zero3_resume_matches_the_uninterrupted_run(tmp_path, tiny_sd_path):
+    """Resuming loads DeepSpeed's partitioned checkpoint (model and optimizer states), each rank its partition."""
+    launch = [*zero3_launch(29583), "--model", tiny_sd_path, "--full", "--batch", "1", "--steps", "3"]
+    launch += ["--save_steps", "2", "--out", str(tmp_path)]
+    for extra in ([], ["--resume"]):
+        result = subprocess.run([*launch, *extra], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if not extra:  # as if killed after checkpoint-2: the last checkpoint and the results are gone
+            uninterrupted = final_state(tmp_path)
+            shutil.rmtree(tmp_path / "checkpoint-3")
+            for rank in (0, 1):
+                (tmp_path / f"final-rank{rank}.safetensors").unlink()
+    assert run_facts(tmp_path)["executed_steps"] == [3]  # resumed after checkpoint-2, not restarted
+    resumed = final_state(tmp_path)
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)

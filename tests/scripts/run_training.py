@@ -66,6 +66,13 @@ def allow_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
+def local_numel(parameter: torch.Tensor) -> int:
+    """Entries of a parameter this rank holds: its shard under FSDP (a DTensor) or ZeRO-3 (`ds_tensor`)."""
+    if hasattr(parameter, "ds_tensor"):
+        return parameter.ds_tensor.numel()
+    return (parameter.to_local() if hasattr(parameter, "to_local") else parameter).numel()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -84,6 +91,11 @@ def main() -> None:
         action="store_true",
         help="run FSDP on CPU processes (gloo), which accelerate otherwise turns into plain multi-CPU data parallelism",
     )
+    parser.add_argument(
+        "--deepspeed",
+        action="store_true",
+        help="launched under DeepSpeed on CPU processes: leave use_cpu off, which would turn DeepSpeed off",
+    )
     args = parser.parse_args()
     if args.cpu_fsdp:
         allow_fsdp_on_cpu()
@@ -96,7 +108,8 @@ def main() -> None:
         save_steps=args.save_steps,
         logging_steps=1,
         report_to=[],
-        use_cpu=True,
+        use_cpu=not args.deepspeed,
+        ddp_backend="gloo" if args.deepspeed else None,  # (on CPU processes accelerate finds no backend for DeepSpeed)
         disable_tqdm=True,
         learning_rate=1e-2,
         poly_alpha=0.5,
@@ -121,13 +134,20 @@ def main() -> None:
         trainer._save_rng_state = dying_save
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     rank = trainer.args.process_index
-    if args.full or trainer.is_fsdp_enabled:  # gathered whole from every shard (FSDP) as save_model would
-        state = trainer.accelerator.get_state_dict(trainer.model)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if trainer.is_deepspeed_enabled and not args.full:  # the LoRA's ZeRO-3 partitions, gathered
+        import deepspeed
+
+        lora = {k: p for k, p in trainer.model.named_parameters() if "lora_" in k}
+        with deepspeed.zero.GatheredParameters(list(lora.values())):
+            state = {k: p.detach().clone().contiguous() for k, p in lora.items()}
+    elif args.full or sharded:  # gathered whole from every shard (FSDP, ZeRO-3) as save_model would
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         state = {k: v.detach().float().contiguous() for k, v in (state or {}).items() if args.full or "lora_" in k}
     else:
         state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items() if "lora_" in k}
     save_file(state, os.path.join(args.out, f"final-rank{rank}.safetensors"))
-    if not args.full and not trainer.is_fsdp_enabled:  # (under FSDP each rank holds a shard of each gradient)
+    if not args.full and not sharded:  # (under FSDP/ZeRO each rank holds a shard of each gradient)
         save_file(record.first_grads or {}, os.path.join(args.out, f"first-step-grads-rank{rank}.safetensors"))
     if rank == 0:
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
@@ -137,12 +157,13 @@ def main() -> None:
             "executed_steps": record.steps,
             "world_size": trainer.args.world_size,
             "fsdp": trainer.is_fsdp_enabled,
+            "deepspeed": trainer.is_deepspeed_enabled,
             "reference": type(trainer.ref_denoiser).__name__ if trainer.ref_denoiser is not None else None,
         }
         if trainer.ref_denoiser is not None:  # the reference's parameters held by this rank, against the whole
             params = list(trainer.ref_denoiser.parameters())
-            run["reference_numel"] = sum(p.numel() for p in params)
-            run["reference_local_numel"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
+            run["reference_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+            run["reference_local_numel"] = sum(local_numel(p) for p in params)
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump(run, f)
     torch.distributed.barrier() if torch.distributed.is_initialized() else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -122,15 +123,16 @@ class PolyDPOTrainer(Trainer):
         elif isinstance(model, DiffusionPipeline):
             self.family = family_from_pipeline(model, options=args.diffusion_options())
         else:
-            self.family = load_family(
-                model,
-                revision=args.revision,
-                variant=args.variant,
-                frozen_dtype=getattr(torch, args.frozen_dtype_name),
-                options=args.diffusion_options(),
-                encoders=not from_cache,
-                quantization_config=quantization_config,
-            )
+            with _frozen_encoders_loaded_whole():
+                self.family = load_family(
+                    model,
+                    revision=args.revision,
+                    variant=args.variant,
+                    frozen_dtype=getattr(torch, args.frozen_dtype_name),
+                    options=args.diffusion_options(),
+                    encoders=not from_cache,
+                    quantization_config=quantization_config,
+                )
         #: `args.beta`, or the family's recommended value when that is None; what every loss reads.
         self.beta = args.beta if args.beta is not None else self.family.recommended_beta
         if args.beta is None:
@@ -533,6 +535,21 @@ class PolyDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving and loading
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not (self.is_deepspeed_enabled and self.is_lora):
+            return super().save_model(output_dir, _internal_call)
+        # LoRA under DeepSpeed: gather only the LoRA's parameters (ZeRO-3 partitions them too), on every rank, not the
+        # whole network, which ZeRO-3 gathers only with `stage3_gather_16bit_weights_on_model_save` and at the cost
+        # of the full model's memory, to save a few MB.
+        import deepspeed
+
+        lora = {name: p for name, p in self.model.named_parameters() if "lora_" in name}
+        with deepspeed.zero.GatheredParameters(list(lora.values())):
+            state_dict = {name: p.detach().cpu().clone() for name, p in lora.items()}
+        self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model does
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
@@ -550,7 +567,12 @@ class PolyDPOTrainer(Trainer):
             elif state_dict is None:
                 denoiser.save_pretrained(scratch, safe_serialization=True)
             elif not state_dict:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save: Trainer passes {}
-                logger.warning("No gathered weights to write: the weights are in DeepSpeed's checkpoint files.")
+                logger.warning(
+                    "No weights written to %s: DeepSpeed ZeRO-3 gathers them only with "
+                    "`stage3_gather_16bit_weights_on_model_save: true` (accelerate config: `zero3_save_16bit_model`); "
+                    "until then they are in DeepSpeed's checkpoint files (recover them with its zero_to_fp32.py).",
+                    output_dir,
+                )
             else:
                 save_gathered_weights(denoiser, state_dict, scratch)
             with open(os.path.join(scratch, CONFIG_NAME), "w") as f:
@@ -677,6 +699,27 @@ def _lora_folder(ref_model: Any) -> str | None:
     if isinstance(ref_model, (str, os.PathLike)) and os.path.isfile(os.path.join(ref_model, LORA_WEIGHT_NAME)):
         return os.fspath(ref_model)
     return None
+
+
+@contextlib.contextmanager
+def _frozen_encoders_loaded_whole():
+    """Under DeepSpeed ZeRO-3 transformers loads every model partitioned (`deepspeed.zero.Init`), for a DeepSpeed
+    engine to gather in its forward. The pipeline's text encoders are frozen and run outside any engine, so they would
+    run on empty parameters: load them whole, as diffusers' training examples do. (The denoiser is partitioned when
+    Trainer wraps it, the reference by `prepare_deepspeed`.) accelerate's `zero3_init_context_manager(enable=False)`
+    leaves transformers' ZeRO-3 switch on, so the switch itself is held off while loading."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    switch = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_config = switch() if switch is not None else None
+    if hf_config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(hf_config)
 
 
 def _reference_denoiser(family: DiffusionFamily, ref_model: Any) -> nn.Module:
