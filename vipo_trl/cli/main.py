@@ -250,7 +250,7 @@ def pairs(argv: list[str]) -> None:
     for pipe in pipes.values():
         pipe.to(device)
     try:
-        from ..eval.pairs import load_prompt_set
+        from ..data.prompts import load_prompt_set
 
         items = load_prompt_set(prompts, args.prompt_column, args.category_column, args.num_prompts)
         resolved = resolve_scorers(scorers, device=device)

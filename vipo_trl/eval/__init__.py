@@ -1,6 +1,7 @@
 """Evaluation: reward scorers (images, videos, a pairwise judge), base-versus-aligned win rates, the preference-set
 diagnosis that suggests alpha, and `make_pairs`, which makes a preference set from a model's own samples."""
 
+from ..data.prompts import BUILTIN_CATEGORIES, load_prompt_set
 from .diagnose import (
     MEASURED_SETS,
     Diagnosis,
@@ -20,7 +21,7 @@ from .evaluate import (
     load_prompts,
 )
 from .judge import ASPECTS, PairwiseScorer, VLMJudge, order_consistent_verdict
-from .pairs import BUILTIN_CATEGORIES, PairsResult, finish_pairs, load_prompt_set, make_pairs
+from .pairs import PairsResult, finish_pairs, make_pairs
 from .scorers import (
     RewardScorer,
     available_scorers,

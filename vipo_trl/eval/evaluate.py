@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
+from ..data.prompts import load_prompt_set
 from ..models.generation import generate_images, labelled_grid
 from .scorers import RewardScorer, get_scorer
 from .stats import WinRate, win_rate
@@ -96,27 +97,11 @@ def resolve_scorers(scorers: Sequence[str | RewardScorer], **kwargs: Any) -> lis
 
 def load_prompts(source: str | None, column: str = "caption", limit: int | None = None) -> list[str]:
     """Prompts from a text file (one per line), a JSON list, a dataset file or folder (its `column`), or the built-in
-    set."""
+    set (`BUILTIN_PROMPTS`); read by `vipo_trl.data.prompts.load_prompt_set`, without categories."""
     if source is None:
         prompts = list(BUILTIN_PROMPTS)
-    else:
-        path = Path(source)
-        if path.suffix == ".txt":
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        elif path.suffix == ".json":
-            prompts = [str(p) for p in json.loads(path.read_text())]
-        else:
-            from ..data import load_preference_dataset
-
-            dataset = load_preference_dataset(source)
-            if column not in dataset.column_names:
-                raise ValueError(
-                    f"{source} has no column {column!r} (columns: {dataset.column_names}); set --prompt_column."
-                )
-            prompts = list(dict.fromkeys(dataset[column]))  # unique, in order
-    if not prompts:
-        raise ValueError(f"no prompts found in {source}.")
-    return prompts[:limit] if limit else prompts
+        return prompts[:limit] if limit else prompts
+    return [prompt for prompt, _ in load_prompt_set(source, column, limit=limit)]
 
 
 def evaluate_alignment(
