@@ -47,6 +47,7 @@ SETS = ("clean", "noisy", "easy")
 SEEDS = (0, 1, 2, 3, 4)
 EVAL_SEEDS = tuple(range(10_001, 10_009))
 LEARNING_RATE = 3e-3
+TARGET_HALF_WIDTH = 0.01  # issue 13: every cell's 95% interval at most +-0.01 reward
 # The paper's Fig. 4 (SD1.5, HPSv2.1): alpha -> score, per set (our names).
 PAPER_FIG4 = {
     "noisy": {-1.0: 26.0, -0.5: 26.4, 0.0: 26.6, 0.5: 26.8, 1.0: 27.1},
@@ -407,6 +408,41 @@ def statistics(results: dict) -> dict:
     return stats
 
 
+def seeds_needed(values: list[float], target: float = TARGET_HALF_WIDTH, confidence: float = 0.95) -> int:
+    """Seeds a cell would need for a 95% half width of at most `target`, were its seed-to-seed spread what was
+    measured: the smallest n with t(n-1) * sd / sqrt(n) <= target (sd of `values`, with n - 1)."""
+    import math
+
+    from vipo_trl.eval import t_quantile
+
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    n = max(2, math.ceil((1.959964 * sd / target) ** 2))  # the normal bound; t is wider, so step up from there
+    while t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) > target:
+        n += 1
+    return n
+
+
+def planning(results: dict) -> dict:
+    """What the +-0.01 target would cost at the measured spreads: seeds per cell, and the study's CPU time per seed
+    (every arm and control of one seed, from the runs' logged training time, run two at a time)."""
+    runs = results["runs"]
+    need = []
+    for kind in SETS:
+        for alpha in sorted({r["alpha"] for r in runs if r["set"] == kind and r["arm"] == "poly_dpo"}):
+            g = [r["gain"] for r in runs if r["set"] == kind and r["alpha"] == alpha and r["arm"] == "poly_dpo"]
+            if len(g) >= 2:
+                need.append({"set": kind, "alpha": alpha, "seeds": len(g), "seeds_needed": seeds_needed(g)})
+    seeds = {r["seed"] for r in runs}
+    train_seconds_per_seed = sum(r.get("train_seconds", 0.0) for r in runs) / max(1, len(seeds))
+    return {
+        "target_half_width": TARGET_HALF_WIDTH,
+        "cells": need,
+        "train_seconds_per_seed": train_seconds_per_seed,
+        "wall_hours_per_seed_two_workers": train_seconds_per_seed / 2 / 3600,
+    }
+
+
 def verdicts(stats: dict) -> dict:
     """The pre-registered reading of the statistics (see the module docstring)."""
     out = {}
@@ -446,6 +482,7 @@ def report(plan: Plan, output: Path, command: str) -> dict:
     results = collect(plan, output)
     results["stats"] = statistics(results)
     results["verdicts"] = verdicts(results["stats"])
+    results["planning"] = planning(results)
     results["plan"] = {k: list(v) if isinstance(v, tuple) else v for k, v in plan.__dict__.items()}
     results["command"] = command
     output.mkdir(parents=True, exist_ok=True)
@@ -509,6 +546,23 @@ def _table(results: dict) -> str:
                 f"| {c['set']} | {c['alpha']:g} | {c['mean_learning_rate']:.2e} | {_fmt(c['control_gain'])} "
                 f"| {_fmt(c['alpha_minus_control'])} | {reading} |"
             )
+    plan = results.get("planning")
+    if plan and plan["cells"]:
+        hours = plan["wall_hours_per_seed_two_workers"]
+        worst = max(plan["cells"], key=lambda c: c["seeds_needed"])
+        lines += [
+            "",
+            f"Seeds each cell would need for a 95% interval of at most ±{plan['target_half_width']:g} at its measured "
+            f"seed-to-seed spread (one seed of the whole study: {hours:.2f} h of training, two runs at a time; "
+            f"the widest cell, {worst['set']} alpha={worst['alpha']:g}, would need about "
+            f"{worst['seeds_needed'] * hours:.0f} h):",
+            "",
+            "| set | " + " | ".join(f"alpha={a:g}" for a in alphas) + " |",
+            "|---|" + "---|" * len(alphas),
+        ]
+        for kind in sorted({c["set"] for c in plan["cells"]}, key=SETS.index):
+            cells = {c["alpha"]: str(c["seeds_needed"]) for c in plan["cells"] if c["set"] == kind}
+            lines.append(f"| {kind} | " + " | ".join(cells.get(a, "-") for a in alphas) + " |")
     sets = results["sets"]
     lines += [
         "",

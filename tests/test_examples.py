@@ -70,9 +70,25 @@ def test_alpha_ablation_smoke(tmp_path):
     assert cell["gain"]["mean"] == pytest.approx(sum(gains) / 2) and cell["gain"]["n"] == 2
     assert {c["set"] for c in stats["controls"]} == {"clean", "noisy"} and len(stats["slopes"]) == 2
     assert set(results["verdicts"]) == {"clean", "noisy"}
+    assert {(c["set"], c["alpha"]) for c in results["planning"]["cells"]} == {
+        (s, a) for s in ("clean", "noisy") for a in (0.0, 1.0)
+    }
     table = (tmp_path / "table.md").read_text()
-    assert "Learning-rate control" in table and "| noisy |" in table
+    assert "Learning-rate control" in table and "| noisy |" in table and "would need" in table
     assert (tmp_path / "alpha_study.png").stat().st_size > 10_000
     # Resumable: a second call finds every run done and only rebuilds the report.
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "running 0" in again.stdout, again.stdout[-2000:]
+
+
+def test_alpha_ablation_seeds_needed_for_the_interval_target():
+    """Hand-computed: gains 0 and 0.02 have sd 0.01414; the normal bound says 8 seeds, t(n-1) * sd / sqrt(n) first
+    falls to 0.01 at n = 11 (t(9) * sd / sqrt(10) = 0.0101, t(10) * sd / sqrt(11) = 0.0095)."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from alpha_ablation import seeds_needed
+    finally:
+        sys.path.pop(0)
+    assert seeds_needed([0.0, 0.02]) == 11
+    assert seeds_needed([0.0, 0.02], target=0.1) == 3  # n = 2: t(1) = 12.7 gives 0.127; n = 3: 0.035
+    assert seeds_needed([0.01, 0.01, 0.01]) == 2  # no spread: the fewest seeds an interval needs
