@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument(
         "--deepspeed",
         action="store_true",
-        help="launched under DeepSpeed on CPU processes: leave use_cpu off, which would turn DeepSpeed off",
+        help="launched under DeepSpeed (on CPU processes too: gloo)",
     )
     args = parser.parse_args()
     if args.cpu_fsdp:
@@ -108,8 +108,10 @@ def main() -> None:
         save_steps=args.save_steps,
         logging_steps=1,
         report_to=[],
-        use_cpu=not args.deepspeed,
-        ddp_backend="gloo" if args.deepspeed else None,  # (on CPU processes accelerate finds no backend for DeepSpeed)
+        # GPUs when there are some. DeepSpeed on CPU processes: use_cpu would turn DeepSpeed off, and accelerate
+        # finds a backend for DeepSpeed only on GPUs, so gloo is named.
+        use_cpu=not (args.deepspeed or torch.cuda.is_available()),
+        ddp_backend="gloo" if args.deepspeed and not torch.cuda.is_available() else None,
         disable_tqdm=True,
         learning_rate=1e-2,
         poly_alpha=0.5,
