@@ -96,6 +96,7 @@ def main() -> None:
         action="store_true",
         help="launched under DeepSpeed (on CPU processes too: gloo)",
     )
+    parser.add_argument("--gpu", action="store_true", help="run on the GPUs (the tests run on CPU processes)")
     args = parser.parse_args()
     if args.cpu_fsdp:
         allow_fsdp_on_cpu()
@@ -108,10 +109,10 @@ def main() -> None:
         save_steps=args.save_steps,
         logging_steps=1,
         report_to=[],
-        # GPUs when there are some. DeepSpeed on CPU processes: use_cpu would turn DeepSpeed off, and accelerate
-        # finds a backend for DeepSpeed only on GPUs, so gloo is named.
-        use_cpu=not (args.deepspeed or torch.cuda.is_available()),
-        ddp_backend="gloo" if args.deepspeed and not torch.cuda.is_available() else None,
+        # DeepSpeed on CPU processes: use_cpu would turn DeepSpeed off, and accelerate finds a backend for DeepSpeed
+        # only on GPUs, so gloo is named.
+        use_cpu=not (args.gpu or args.deepspeed),
+        ddp_backend="gloo" if args.deepspeed and not args.gpu else None,
         disable_tqdm=True,
         learning_rate=1e-2,
         poly_alpha=0.5,
