@@ -13,7 +13,8 @@ Design, fixed before any result was seen (issue 13):
   learning rate 3e-3, beta 2000 (the embedded default's setting), trained from the set's latent cache through
   `PolyDPOTrainer`. Control: for alpha -1, 1 and 8, Diffusion-DPO at the learning rate times the mean
   `poly_dpo/grad_scale` (`1 + alpha p`) that alpha's run logged, same seed.
-* seeds 0-4: a seed fixes the set, the training order and the noise, and is shared by every arm (paired).
+* seeds 0-4: a seed fixes the set, the training order and the noise, and is shared by every arm (paired). Seeds
+  5-7 were added later for every arm (`--seeds 5 6 7`), decided before they ran, for the +-0.01 interval target.
 * evaluation: every scene prompt x held-out seeds 10001-10008 (384 samples, the same for every arm and the base),
   10 DDIM steps at guidance 4; the score is the programmatic reward (share of colour, shape, position right).
 * statistics: per cell the mean gain over the base with a 95% t-interval over seeds; per alpha the paired

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -446,6 +447,21 @@ def test_summarize_and_suggest_alpha_by_hand():
         alpha, reason = suggest_alpha(measured.consistency, measured.easy_share)
         assert alpha == measured.best_alpha and f"alpha study's {measured.name} set" in reason
     assert "noisy set" in suggest_alpha(0.21, 0.0)[1]  # Pick-a-Pic v2's consistency is nearest the noisy set
+
+
+def test_diagnose_calibration_follows_the_alpha_study_results():
+    """`MEASURED_SETS.best_alpha` is the study's rule applied to docs/alpha_study/results.json: the alpha whose
+    paired gain over alpha 0 has a 95% interval above 0 (the larger mean if several), else 0. A rerun of the study
+    that changes the answer must change the calibration."""
+    from vipo_trl.eval import MEASURED_SETS
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "docs" / "alpha_study" / "results.json").read_text())
+    for measured in MEASURED_SETS:
+        better = [d for d in results["stats"]["versus_dpo"] if d["set"] == measured.name and d["difference"]["low"] > 0]
+        best = max(better, key=lambda d: d["difference"]["mean"])["alpha"] if better else 0.0
+        assert measured.best_alpha == best, measured.name
+        seeds = {c["n"] for c in (cell["gain"] for cell in results["stats"]["cells"] if cell["set"] == measured.name)}
+        assert f"{seeds.pop()} seeds" in measured.finding  # the finding quotes the study it came from
 
 
 def test_eval_scores_base_and_lora_on_the_same_seeds_and_writes_its_report(tmp_path):

@@ -33,10 +33,16 @@ NOISY_CONSISTENCY, CLEAN_CONSISTENCY = 0.25, 0.6
 EASY_SHARE = 0.5
 #: The alpha the ViPO authors used on Pick-a-Pic v2, the noisiest regime.
 NOISY_ALPHA = 8.0
-#: What the alpha study measured on each set (docs/alpha_study/results.json, seeds 0-4, paired against alpha 0).
-CLEAN_FINDING = "no alpha beat Diffusion-DPO (alpha -1..1 within 0.011 of it, none significantly; 5 seeds)"
-NOISY_FINDING = "no alpha in -1..8 beat Diffusion-DPO (alpha 8 lost 0.005 +- 0.004 reward; 5 seeds)"
-EASY_FINDING = "alpha -0.5 beat Diffusion-DPO by 0.012 +- 0.006 reward (the only alpha that did; 5 seeds)"
+#: What the alpha study measured on each set (docs/alpha_study/results.json, seeds 0-7, paired against alpha 0).
+CLEAN_FINDING = (
+    "no alpha beat Diffusion-DPO (alpha -1..1 within 0.009 of it, none significantly; alpha 8 lost 0.041 +- 0.036; "
+    "8 seeds)"
+)
+NOISY_FINDING = "no alpha in -1..8 beat Diffusion-DPO (all within 0.004 of it, none significantly; 8 seeds)"
+EASY_FINDING = (
+    "alpha -0.5 beat Diffusion-DPO by 0.010 +- 0.005 reward (the only alpha that did; 8 seeds), though Diffusion-DPO "
+    "at alpha -1's smaller effective learning rate beat alpha -1 itself"
+)
 
 
 @dataclass
