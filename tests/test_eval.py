@@ -596,6 +596,7 @@ def test_load_prompts_reads_text_json_and_dataset_columns(tmp_path):
     Dataset.from_dict({"caption": ["b", "a", "b"], "other": [1, 2, 3]}).to_parquet(str(tmp_path / "d.parquet"))
     assert load_prompts(str(tmp_path / "p.txt")) == ["a red cat", "a blue dog"]
     assert load_prompts(str(tmp_path / "p.json"), limit=1) == ["x"]
+    assert load_prompts(tmp_path / "p.json", limit=1) == ["x"]  # a Path too
     assert load_prompts(str(tmp_path / "d.parquet")) == ["b", "a"]  # unique, in order
     assert load_prompts(None) == list(BUILTIN_PROMPTS)
     with pytest.raises(ValueError, match=r"no column 'prompt'.*set --prompt_column"):

@@ -4,6 +4,7 @@ column."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,7 +52,7 @@ BUILTIN_CATEGORIES: dict[str, list[str]] = {
 
 
 def load_prompt_set(
-    source: str | Sequence[str] | Sequence[tuple[str, str | None]] | None,
+    source: str | os.PathLike | Sequence[str] | Sequence[tuple[str, str | None]] | None,
     column: str = "caption",
     category_column: str | None = None,
     limit: int | None = None,
@@ -59,6 +60,8 @@ def load_prompt_set(
     """(prompt, category) pairs from: `"builtin"` or `None` (`BUILTIN_CATEGORIES`); a `.txt` file, one prompt per
     line, optionally `category<TAB>prompt`; a `.json` list of prompts; a dataset file or folder (`column`, and
     `category_column` if given); or a list of prompts or (prompt, category) tuples."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
     if source is None or source == "builtin":
         items = [(p, c) for c, prompts in BUILTIN_CATEGORIES.items() for p in prompts]
     elif not isinstance(source, str):

@@ -5,6 +5,7 @@ same during training."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,7 @@ def resolve_scorers(scorers: Sequence[str | RewardScorer], **kwargs: Any) -> lis
     return [s if isinstance(s, RewardScorer) else get_scorer(s, **kwargs) for s in scorers]
 
 
-def load_prompts(source: str | None, column: str = "caption", limit: int | None = None) -> list[str]:
+def load_prompts(source: str | os.PathLike | None, column: str = "caption", limit: int | None = None) -> list[str]:
     """Prompts from a text file (one per line), a JSON list, a dataset file or folder (its `column`), or the built-in
     set (`BUILTIN_PROMPTS`); read by `vipo_trl.data.prompts.load_prompt_set`, without categories."""
     if source is None:
