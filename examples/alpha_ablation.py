@@ -506,12 +506,8 @@ def _table(results: dict) -> str:
         f"held-out samples), mean ± 95% t-interval over seeds {seeds}. alpha = 0 is Diffusion-DPO. "
         f"Command: `{results['command']}`.",
         "",
-        "| set | " + " | ".join(f"alpha={a:g}" for a in alphas) + " |",
-        "|---|" + "---|" * len(alphas),
+        *_grid_table({(c["set"], c["alpha"]): _fmt(c["gain"]) for c in stats["cells"]}, alphas),
     ]
-    for kind in sorted({c["set"] for c in stats["cells"]}, key=SETS.index):
-        cells = {c["alpha"]: _fmt(c["gain"]) for c in stats["cells"] if c["set"] == kind}
-        lines.append(f"| {kind} | " + " | ".join(cells.get(a, "-") for a in alphas) + " |")
     lines += [
         "",
         "Paired difference against alpha = 0 (same seeds):",
@@ -558,12 +554,8 @@ def _table(results: dict) -> str:
             f"the widest cell, {worst['set']} alpha={worst['alpha']:g}, would need about "
             f"{worst['seeds_needed'] * hours:.0f} h):",
             "",
-            "| set | " + " | ".join(f"alpha={a:g}" for a in alphas) + " |",
-            "|---|" + "---|" * len(alphas),
+            *_grid_table({(c["set"], c["alpha"]): str(c["seeds_needed"]) for c in plan["cells"]}, alphas),
         ]
-        for kind in sorted({c["set"] for c in plan["cells"]}, key=SETS.index):
-            cells = {c["alpha"]: str(c["seeds_needed"]) for c in plan["cells"] if c["set"] == kind}
-            lines.append(f"| {kind} | " + " | ".join(cells.get(a, "-") for a in alphas) + " |")
     sets = results["sets"]
     lines += [
         "",
@@ -577,6 +569,14 @@ def _table(results: dict) -> str:
         + ".",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _grid_table(entries: dict[tuple[str, float], str], alphas: list[float]) -> list[str]:
+    """A markdown table with a row per set and a column per alpha; `entries` maps (set, alpha) to the cell's text."""
+    lines = ["| set | " + " | ".join(f"alpha={a:g}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
+    for kind in sorted({kind for kind, _ in entries}, key=SETS.index):
+        lines.append(f"| {kind} | " + " | ".join(entries.get((kind, a), "-") for a in alphas) + " |")
+    return lines
 
 
 def _mean(rows: list, kind: str, key: str) -> float:
