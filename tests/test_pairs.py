@@ -4,6 +4,7 @@ video scores on a tiny Wan pipeline, resuming after a kill, the dataset card and
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from vipo_trl.data.pairing import (
     consistent_with_every_scorer,
     pair_indices,
 )
+from vipo_trl.default import DEFAULT_SETTINGS
 from vipo_trl.eval import (
     FrameAveragedScorer,
     RewardScorer,
@@ -396,6 +398,16 @@ def test_pairs_command_with_no_model_builds_a_set_from_the_embedded_model(tmp_pa
     assert len(data) > 0 and len(set(counts.values())) == 1
     assert all(c > r for c, r in zip(data["chosen_shapes"], data["rejected_shapes"]))
     assert os.path.exists(out / "README.md")
+
+    # the printed command trains the embedded model on the set at the size it was drawn at (32 px, not 512)
+    (command,) = [line.split("train on it: ")[1] for line in text.splitlines() if line.startswith("train on it: ")]
+    words = shlex.split(command)
+    assert words[:2] == ["vipo-trl", "train"]
+    run = tmp_path / "run"
+    main([*words[1:], "--max_steps", "2", "--output_dir", str(run), "--report_to", "none", "--use_cpu"])
+    config = json.loads((run / "poly_dpo_config.json").read_text())
+    assert config["resolution"] == 32 and config["learning_rate"] == DEFAULT_SETTINGS["learning_rate"]
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_eval_and_pairs_commands_accept_a_wan_pipeline(tmp_path, capsys):

@@ -291,8 +291,43 @@ def pairs(argv: list[str]) -> None:
     print(f"per category: {per_category}")
     if stats.consistency is not None:
         print(f"every scorer agrees on {100 * stats.consistency:.1f}% of the candidate pairs")
-    card = result.output_dir / "README.md"
-    print(f"dataset card: {card}; train on it: vipo-trl train --dataset_name {result.output_dir}")
+    print(f"dataset card: {result.output_dir / 'README.md'}")
+    model = None if embedded else args.model_name_or_path[0]
+    print(f"train on it: {_train_command(model, result.output_dir, result.dataset)}")
+    if args.lora:
+        print(
+            "(the samples came from base + LoRA: for a next round with that model as reference, see the Rounds "
+            "section of docs/pairs.md)"
+        )
+
+
+def _train_command(model: str | None, pairs_dir: Any, dataset: Any) -> str:
+    """The `vipo-trl train` command that trains the pairs' model (the first one named, or the embedded model) on
+    them with LoRA at the size the images were generated at, so a 32 px set is not trained upscaled to 512 px."""
+    import shlex
+
+    flags = {"model_name_or_path": model, "dataset_name": str(pairs_dir)}
+    if model is None:  # the embedded model: its folder and the embedded run's training settings
+        from ..default import DEFAULT_SETTINGS, MODEL_DIR
+
+        flags["model_name_or_path"] = str(MODEL_DIR)
+        keys = ("learning_rate", "beta", "per_device_train_batch_size", "max_steps", "random_flip")
+        flags.update({key: DEFAULT_SETTINGS[key] for key in keys})
+    chosen = dataset[0]["chosen"] if len(dataset) else None
+    from ..data.video import looks_like_video
+
+    if isinstance(chosen, bytes) and not looks_like_video(chosen):
+        import io
+
+        from PIL import Image
+
+        flags["resolution"] = min(Image.open(io.BytesIO(chosen)).size)
+    parts = ["vipo-trl train", "--use_peft"]
+    parts += [
+        f"--{key} {shlex.quote(str(value).lower() if isinstance(value, bool) else str(value))}"
+        for key, value in flags.items()
+    ]
+    return " ".join(parts)
 
 
 def diagnose(argv: list[str]) -> None:
