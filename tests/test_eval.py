@@ -552,6 +552,19 @@ def test_eval_command_on_the_embedded_model(tmp_path, shapes_lora, capsys):
     assert "Did you mean 'pickscore'" in capsys.readouterr().err
 
 
+def test_eval_on_the_embedded_model_scores_the_samples_the_default_run_reports(tmp_path):
+    """With no model named, `vipo-trl eval` samples as `vipo-trl train` reports its rewards (DDIM, 20 steps,
+    guidance 4, batches of 48, the held-out seeds): the same images, so the same base reward."""
+    from vipo_trl.cli import main
+    from vipo_trl.default import ALL_SCENES, evaluate_reward, load_default_pipeline, reward
+
+    main(["eval", "--seeds", "10001", "--output_dir", str(tmp_path), "--device", "cpu"])
+    scores = json.loads((tmp_path / "results.json").read_text())["base_scores"]["shapes"]
+    mean, images = evaluate_reward(load_default_pipeline(), seeds=(10_001,))
+    assert scores == pytest.approx([reward(image, scene.prompt) for image, scene in zip(images, ALL_SCENES)])
+    assert sum(scores) / len(scores) == pytest.approx(mean)
+
+
 def test_diagnose_command_reads_a_dataset_folder(tmp_path, capsys):
     from vipo_trl.cli import main
 

@@ -149,12 +149,16 @@ def evaluate(argv: list[str]) -> None:
     parser = parser_for("eval")
     (args,) = parser.parse(argv)
     embedded = args.model_name_or_path is None
-    if embedded:
-        from ..default import ALL_SCENES, EVAL_SEEDS, MODEL_DIR
+    if embedded:  # sampled as `vipo-trl train` reports its rewards: DDIM, its steps, guidance, batch and seeds
+        from ..default import ALL_SCENES, EVAL_SEEDS, load_default_pipeline
+        from ..default.synthetic import SAMPLING_BATCH, SAMPLING_GUIDANCE, SAMPLING_STEPS, use_ddim
 
-        model, prompts, scorers, steps, guidance = str(MODEL_DIR), [s.prompt for s in ALL_SCENES], ["shapes"], 20, 4.0
-        if "seeds" not in parser.given:  # the held-out seeds `vipo-trl train` reports its rewards on
+        model, prompts, scorers = use_ddim(load_default_pipeline()), [s.prompt for s in ALL_SCENES], ["shapes"]
+        steps, guidance = SAMPLING_STEPS, SAMPLING_GUIDANCE
+        if "seeds" not in parser.given:
             args.seeds = list(EVAL_SEEDS)
+        if "batch_size" not in parser.given:
+            args.batch_size = SAMPLING_BATCH
     else:
         model, prompts, scorers, steps, guidance = args.model_name_or_path, None, ["pickscore"], 30, 7.5
     if args.prompts is not None or prompts is None:
@@ -224,15 +228,13 @@ def pairs(argv: list[str]) -> None:
         device = str(PartialState(cpu=not torch.cuda.is_available()).device)
     embedded = not args.model_name_or_path
     if embedded:
-        from diffusers import DDIMScheduler
-
         from ..default import ALL_SCENES, load_default_pipeline
+        from ..default.synthetic import SAMPLING_GUIDANCE, SAMPLING_STEPS, use_ddim
 
-        pipe = load_default_pipeline(args.lora)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the embedded model's sampler
+        pipe = use_ddim(load_default_pipeline(args.lora))
         pipes, names = {"vipo-trl embedded model" + (" + LoRA" if args.lora else ""): pipe}, ["embedded"]
         prompts = args.prompts or [(scene.prompt, scene.shape) for scene in ALL_SCENES]
-        scorers, steps, guidance = args.scorers or ["shapes"], 20, 4.0
+        scorers, steps, guidance = args.scorers or ["shapes"], SAMPLING_STEPS, SAMPLING_GUIDANCE
     else:
         from diffusers import DiffusionPipeline
 
