@@ -75,6 +75,19 @@ def test_training_from_the_cache_gives_the_raw_losses_without_loading_encoders(t
     np.testing.assert_allclose(losses(cached), losses(raw), rtol=1e-3)
 
 
+def test_building_a_cache_far_from_the_models_native_size_is_warned(tmp_path, tiny_sd_path, caplog):
+    """The tiny model is built for 16 px images: a 64 px cache (every image upscaled, 16x the cost) is warned
+    before any image is encoded, a 16 px one is not."""
+    with caplog.at_level("WARNING", logger="vipo_trl"):
+        build_latent_cache(tiny_sd_path, pickapic_dataset(2), tmp_path / "c16", config(tmp_path), show_progress=False)
+        assert not [r for r in caplog.records if "built for 16 px" in r.getMessage()]
+        build_latent_cache(
+            tiny_sd_path, pickapic_dataset(2), tmp_path / "c64", config(tmp_path, resolution=64), show_progress=False
+        )
+    (warning,) = [r.getMessage() for r in caplog.records if "built for 16 px" in r.getMessage()]
+    assert "resolution=64" in warning and "16x" in warning
+
+
 def test_a_cache_for_another_model_or_resolution_is_refused(tmp_path, tiny_sd_path, tiny_sd_v_path):
     cache = build_latent_cache(tiny_sd_path, pickapic_dataset(2), tmp_path / "cache", config(tmp_path))
     with pytest.raises(

@@ -404,6 +404,29 @@ def test_lora_target_matching_no_module(tmp_path, tiny_sd_path):
         PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(4), peft_config=bad)
 
 
+@pytest.mark.parametrize(
+    "embedded, resolution, warned, effect",
+    [(False, 16, False, None), (False, 32, False, None), (False, 8, False, None), (False, 64, True, "upscaled"),
+     (True, 8, True, "does not generate at")],
+)  # fmt: skip
+def test_a_resolution_far_from_the_models_native_size_is_warned(
+    tmp_path, tiny_sd_path, caplog, embedded, resolution, warned, effect
+):
+    """Native size = the UNet's sample_size x the VAE's downsampling: 8 x 2 = 16 px for the tiny test model, 16 x 2 =
+    32 px for the embedded one; within 2x of it passes quietly."""
+    from vipo_trl.default import MODEL_DIR
+
+    model, native = (str(MODEL_DIR), 32) if embedded else (tiny_sd_path, 16)
+    with caplog.at_level("WARNING", logger="vipo_trl"):
+        trainer = PolyDPOTrainer(model, args=config(tmp_path, resolution=resolution), train_dataset=pickapic_dataset(4))
+    assert trainer.family.native_resolution == native
+    messages = [r.getMessage() for r in caplog.records if "built for" in r.getMessage()]
+    assert bool(messages) == warned
+    if warned:
+        assert f"resolution={resolution}" in messages[0] and f"Set resolution={native}" in messages[0]
+        assert effect in messages[0]
+
+
 def test_unsupported_family(tmp_path, tiny_sd_path):
     folder = tmp_path / "odd"
     folder.mkdir()

@@ -15,9 +15,11 @@ from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
+from transformers.utils import logging
 
 from .options import DiffusionOptions
 
+logger = logging.get_logger(__name__)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -63,6 +65,34 @@ class DiffusionFamily(ABC):
             module.requires_grad_(False).eval()
         self.device = torch.device("cpu")
         self.name_or_path: str | None = None
+
+    @property
+    def native_resolution(self) -> int | None:
+        """The image side the denoiser was built for: its config's `sample_size` (latent pixels) times the VAE's
+        downsampling; `None` when the configs do not say (FLUX, Wan)."""
+        size = getattr(self.denoiser.config, "sample_size", None)
+        channels = getattr(self.vae_config, "block_out_channels", None)
+        if not isinstance(size, int) or not channels:
+            return None
+        return size * 2 ** (len(channels) - 1)
+
+    def warn_if_far_from_native(self, resolution: int) -> None:
+        """Warn when `resolution` is under half or over twice `native_resolution`: SDXL trained at 512 px learns off
+        its scale, and a 32 px model trained at the default 512 px upscales every image at 256x the cost."""
+        native = self.native_resolution
+        if native is None or native / 2 <= resolution <= 2 * native:
+            return
+        effect = (
+            f"every image is upscaled and each step costs about {(resolution / native) ** 2:.0f}x the compute at the "
+            "native size"
+            if resolution > native
+            else "the model learns at a scale it does not generate at"
+        )
+        logger.warning(
+            "resolution=%s, but %s was built for %s px images (its denoiser's sample_size times the VAE's "
+            "downsampling): %s. Set resolution=%s (--resolution) unless this is intended.",
+            resolution, type(self).__name__, native, effect, native,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- loading
 

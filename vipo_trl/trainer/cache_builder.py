@@ -67,6 +67,7 @@ def build_latent_cache(
             model, revision=args.revision, variant=args.variant, frozen_dtype=frozen, options=args.diffusion_options()
         )
         model_name = str(model)
+    family.warn_if_far_from_native(args.resolution)
     device = torch.device(device) if device is not None else (args.device if torch.cuda.is_available() else "cpu")
     family.to(device)
 

@@ -101,6 +101,8 @@ class PolyDPOConfig(TrainingArguments):
             dataset holding ties is refused: a tie has no winner to train towards.
         resolution (`int`, *optional*, defaults to `512`):
             Images are resized so their shorter side is `resolution`, then cropped to `resolution x resolution`.
+            Keep it near the size the model was built for (512 for SD 1.5, 1024 for SDXL and SD3): the trainer warns
+            when it is under half or over twice that size.
         aspect_ratio_buckets (`str` or `None`, *optional*, defaults to `None`):
             `None` crops every pair to `resolution x resolution`. `"auto"` groups pairs into aspect-ratio buckets of
             about `resolution**2` pixels (`diffusers.training_utils.generate_aspect_ratio_buckets`, sides multiples of

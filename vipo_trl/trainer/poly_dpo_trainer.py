@@ -137,6 +137,7 @@ class PolyDPOTrainer(Trainer):
         self.beta = args.beta if args.beta is not None else self.family.recommended_beta
         if args.beta is None:
             logger.info("beta=None: using %s's recommended beta=%s.", type(self.family).__name__, self.beta)
+        self.family.warn_if_far_from_native(args.resolution)
         self._loss_config = _LossConfig(args, self.beta)
         self.loss_specs = [get_loss(name) for name in args.loss_type]
         self.needs_reference = any(spec.needs_reference for spec in self.loss_specs)
