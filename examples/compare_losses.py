@@ -4,6 +4,7 @@ table and one plot of their metrics.
     python examples/compare_losses.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --dataset yuvalkirstain/pickapic_v2 --max_steps 500 --output compare-sd15
     python examples/compare_losses.py --smoke          # tiny SD and synthetic pairs, CPU, a minute
+    python examples/compare_losses.py --embedded --seeds 0 1 2    # the embedded model, rewards; CPU, ~10 min a seed
 
 Every run trains a LoRA from the same initialisation on the same batches (the per-pair noise and timesteps depend on
 the seed, step and row only). Each loss optimises its own objective, so their training losses are not comparable;
@@ -11,12 +12,19 @@ the common yardstick is measured afterwards on held-out pairs with the same fixe
 preference accuracy (share of pairs whose chosen image the model denoises better, relative to the base model, than the
 rejected one) and the mean implicit reward margin, both in the Diffusion-DPO sense. "dpo" is the ViPO paper's name for
 Diffusion-DPO, so those two rows must agree: a built-in sanity check.
+
+`--embedded` trains on the embedded default's clean synthetic set (90% of its pairs; the other 10% are the held-out
+pairs) with the embedded run's settings, and also scores what each run generates: the shapes reward of the aligned
+model on the held-out samples the default run reports (every scene prompt x seeds 10001-10002), as a gain over the
+base model. With several `--seeds` (each fixes the set, the split, the order and the noise, shared by every loss) the
+table gives means with 95% t-intervals over seeds, and each loss's paired difference against Diffusion-DPO.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -27,6 +35,9 @@ LOSSES = {
     "mapo": {"loss_type": ["mapo"]},
     "kto": {"loss_type": ["kto"]},
 }
+
+#: The run size for a real model (flags override each).
+RUN_SIZE = {"max_steps": 500, "batch_size": 4, "learning_rate": 1e-5, "resolution": 512, "beta": 2000.0, "lora_r": 16}
 
 
 def held_out_preference_metrics(trainer, eval_dataset) -> dict[str, float]:
@@ -42,41 +53,76 @@ def held_out_preference_metrics(trainer, eval_dataset) -> dict[str, float]:
     return {"accuracy": metrics["eval_rewards/accuracies"], "margin": metrics["eval_rewards/margins"]}
 
 
-def compare(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    from datasets import load_dataset
-    from peft import LoraConfig
+def compare(args: argparse.Namespace) -> dict[str, dict]:
+    """Every loss at every seed: the held-out implicit metrics (and with `--embedded` the reward gain), per seed and
+    summarised over seeds."""
+    per_seed: dict[str, list[dict]] = {name: [] for name in args.losses}
+    base_reward = None
+    if args.embedded:
+        from vipo_trl.default import evaluate_reward, load_default_pipeline
 
-    from vipo_trl import PolyDPOConfig, PolyDPOTrainer
+        seeds = tuple(args.eval_seeds)
+        base_reward, _ = evaluate_reward(load_default_pipeline(), seeds)  # the same held-out samples for every run
+    for seed in args.seeds:
+        model, train, held_out = _data(args, seed)
+        for name in args.losses:
+            per_seed[name].append(_run(args, seed, model, train, held_out, LOSSES[name], base_reward))
+    return {name: _summary(runs, per_seed["diffusion_dpo"]) for name, runs in per_seed.items()}
 
+
+def _data(args: argparse.Namespace, seed: int):
+    """The model, the training pairs and the held-out pairs of one seed; fills the run size the user left unset."""
     if args.smoke:
         from vipo_trl.testing import pickapic_dataset, sd_pipeline
 
         model = str(Path(tempfile.mkdtemp()) / "tiny-sd")
         sd_pipeline().save_pretrained(model)
-        train, held_out = pickapic_dataset(16, ties=2), pickapic_dataset(8)
-        args.max_steps, args.resolution, args.batch_size, args.learning_rate = 4, 16, 4, 5e-3
-    else:
-        model = args.model
-        data = load_dataset(args.dataset, split=args.split)
-        split = data.train_test_split(test_size=args.eval_pairs, seed=args.seed)
-        train, held_out = split["train"], split["test"]
+        _fill(args, max_steps=4, resolution=16, batch_size=4, learning_rate=5e-3)
+        return model, pickapic_dataset(16, ties=2), pickapic_dataset(8)
+    if args.embedded:
+        from vipo_trl.default import DEFAULT_SETTINGS, MODEL_DIR, load_default_pipeline, make_preference_set
 
-    results = {}
-    scratch = tempfile.TemporaryDirectory(prefix="compare-losses-")  # runs save nothing: no empty folders left
-    for name, loss in LOSSES.items():
+        settings = {key: DEFAULT_SETTINGS[key] for key in ("max_steps", "learning_rate", "resolution", "beta")}
+        _fill(args, **settings, batch_size=DEFAULT_SETTINGS["per_device_train_batch_size"], lora_r=8)
+        pairs, _ = make_preference_set(
+            "clean", load_default_pipeline(), seed=seed, samples_per_prompt=args.samples_per_prompt
+        )
+        split = pairs.train_test_split(test_size=0.1, seed=seed)
+        return str(MODEL_DIR), split["train"], split["test"]
+    from datasets import load_dataset
+
+    _fill(args, **RUN_SIZE)
+    split = load_dataset(args.dataset, split=args.split).train_test_split(test_size=args.eval_pairs, seed=seed)
+    return args.model, split["train"], split["test"]
+
+
+def _fill(args: argparse.Namespace, **values) -> None:
+    for key, value in values.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.lora_r = args.lora_r or RUN_SIZE["lora_r"]
+
+
+def _run(args, seed, model, train, held_out, loss, base_reward) -> dict:
+    from peft import LoraConfig
+
+    from vipo_trl import PolyDPOConfig, PolyDPOTrainer
+
+    with tempfile.TemporaryDirectory(prefix="compare-losses-") as scratch:  # no empty folders left behind
         config = PolyDPOConfig(
-            output_dir=str(Path(scratch.name) / name),
-            seed=args.seed,
+            output_dir=scratch,
+            seed=seed,
             max_steps=args.max_steps,
             per_device_train_batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             resolution=args.resolution,
+            random_flip=not args.embedded,  # the shapes reward reads positions: the embedded run does not flip
             beta=args.beta,
             poly_alpha=args.poly_alpha,
-            logging_steps=1,
+            logging_steps=max(1, args.max_steps // 30),
             save_strategy="no",
             report_to=[],
-            use_cpu=args.smoke,
+            use_cpu=args.smoke or args.embedded,
             disable_tqdm=True,
             **loss,
         )
@@ -84,13 +130,42 @@ def compare(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         trainer = PolyDPOTrainer(model, config, train, peft_config=lora)
         trainer.train()
         history = [h for h in trainer.state.log_history if "loss" in h]
-        results[name] = {
+        run = {
+            "seed": seed,
             "final_train_loss": history[-1]["loss"],
             **held_out_preference_metrics(trainer, held_out),
             "curve": [(h["step"], h["loss"]) for h in history],
         }
-    scratch.cleanup()
-    return results
+        if base_reward is not None:
+            from vipo_trl.default import evaluate_reward, load_default_pipeline
+
+            trainer.save_model()
+            aligned, _ = evaluate_reward(load_default_pipeline(lora=scratch), tuple(args.eval_seeds))
+            run["reward_gain"] = aligned - base_reward
+    return run
+
+
+def _summary(runs: list[dict], reference_runs: list[dict]) -> dict:
+    """Means over seeds (the first seed's curve); with several seeds, 95% t-intervals and the paired difference of
+    the reward gain against Diffusion-DPO."""
+    summary = {key: statistics.fmean(r[key] for r in runs) for key in ("final_train_loss", "accuracy", "margin")}
+    summary.update(curve=runs[0]["curve"], seeds=[r["seed"] for r in runs], runs=runs)
+    if "reward_gain" in runs[0]:
+        gains = [r["reward_gain"] for r in runs]
+        versus = [r["reward_gain"] - ref["reward_gain"] for r, ref in zip(runs, reference_runs)]
+        summary["reward_gain"] = _mean_interval(gains)
+        summary["reward_gain_vs_diffusion_dpo"] = _mean_interval(versus)
+    if len(runs) > 1:
+        summary["accuracy_interval"] = _mean_interval([r["accuracy"] for r in runs])
+    return summary
+
+
+def _mean_interval(values: list[float]) -> dict:
+    """Mean and 95% t-interval half width over seeds (`None` for one seed)."""
+    from vipo_trl.eval import mean_interval
+
+    interval = mean_interval(values)
+    return {"mean": interval.mean, "half_width": interval.half_width if interval.n > 1 else None, "n": interval.n}
 
 
 def write_report(results: dict, output: Path, title: str) -> None:
@@ -100,12 +175,19 @@ def write_report(results: dict, output: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     output.mkdir(parents=True, exist_ok=True)
-    rows = [
-        "| loss | held-out implicit accuracy | held-out margin | final training loss (own objective) |",
-        "|---|---|---|---|",
-    ]
+    rewards = "reward_gain" in next(iter(results.values()))
+    head = "| loss | held-out implicit accuracy | held-out margin | final training loss (own objective) |"
+    rows = [head + (" reward gain over base | vs Diffusion-DPO |" if rewards else ""), "|---|---|---|---|"]
+    rows[1] += "---|---|" if rewards else ""
     for name, r in results.items():
-        rows.append(f"| {name} | {r['accuracy']:.3f} | {r['margin']:.4g} | {r['final_train_loss']:.4g} |")
+        row = f"| {name} | {_with_interval(r, 'accuracy', '.3f')} | {r['margin']:.4g} | {r['final_train_loss']:.4g} |"
+        if rewards:
+            row += f" {_interval(r['reward_gain'])} | {_interval(r['reward_gain_vs_diffusion_dpo'])} |"
+        rows.append(row)
+    seeds = next(iter(results.values()))["seeds"]
+    title += f" (seeds {', '.join(map(str, seeds))}; means" + (
+        ", 95% t-intervals over seeds)" if len(seeds) > 1 else ")"
+    )
     (output / "table.md").write_text(f"# {title}\n\n" + "\n".join(rows) + "\n")
     (output / "results.json").write_text(json.dumps(results, indent=2))
 
@@ -135,20 +217,48 @@ def main() -> None:
     parser.add_argument("--dataset", default="yuvalkirstain/pickapic_v2")
     parser.add_argument("--split", default="validation_unique")
     parser.add_argument("--eval_pairs", type=int, default=200)
-    parser.add_argument("--max_steps", type=int, default=500)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--learning_rate", type=float, default=1e-5)
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--beta", type=float, default=2000.0)
+    # Run size: unset flags take the mode's values (RUN_SIZE, or the embedded run's settings with --embedded).
+    parser.add_argument("--max_steps", type=int)
+    parser.add_argument("--batch_size", type=int)
+    parser.add_argument("--learning_rate", type=float)
+    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--beta", type=float)
     parser.add_argument("--poly_alpha", type=float, default=8.0)
-    parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora_r", type=int)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of every loss per seed")
     parser.add_argument("--output", default="compare-losses")
     parser.add_argument("--smoke", action="store_true", help="tiny SD and synthetic pairs on the CPU")
+    parser.add_argument(
+        "--embedded", action="store_true", help="the embedded model on its clean set, with the shapes reward (CPU)"
+    )
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
+    parser.add_argument(
+        "--samples_per_prompt", type=int, default=6, help="--embedded: base-model samples per scene for the set"
+    )
+    parser.add_argument(
+        "--eval_seeds", type=int, nargs="+", default=[10_001, 10_002], help="--embedded: held-out sampling seeds"
+    )
     args = parser.parse_args()
+    if "diffusion_dpo" not in args.losses:
+        parser.error("--losses: include diffusion_dpo, the reference every other loss is compared with.")
     results = compare(args)
-    title = "smoke run (tiny SD, synthetic pairs)" if args.smoke else f"{args.model} on {args.dataset}"
+    if args.smoke:
+        title = "smoke run (tiny SD, synthetic pairs)"
+    elif args.embedded:
+        title = f"embedded default, clean set, poly_alpha {args.poly_alpha:g}"
+    else:
+        title = f"{args.model} on {args.dataset}"
     write_report(results, Path(args.output), title)
+
+
+def _interval(value: dict) -> str:
+    half = value["half_width"]
+    return f"{value['mean']:+.3f}" + (f" +- {half:.3f}" if half is not None else "")
+
+
+def _with_interval(result: dict, key: str, spec: str) -> str:
+    interval = result.get(f"{key}_interval")
+    return f"{result[key]:{spec}}" + (f" +- {interval['half_width']:{spec}}" if interval else "")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,53 @@ def test_compare_losses_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_compare_losses_on_the_embedded_model_scores_each_run(tmp_path):
+    """--embedded: the embedded model on its clean set, each run's shapes-reward gain over the base model and its
+    paired difference against Diffusion-DPO (a small run: 2 losses, 3 steps, 48 held-out samples)."""
+    command = [sys.executable, str(ROOT / "examples" / "compare_losses.py"), "--embedded", "--losses",
+               "diffusion_dpo", "mapo", "--max_steps", "3", "--samples_per_prompt", "2", "--eval_seeds", "10001",
+               "--output", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"diffusion_dpo", "mapo"}
+    for summary in results.values():
+        (run,) = summary["runs"]
+        assert summary["reward_gain"] == {"mean": run["reward_gain"], "half_width": None, "n": 1}
+        assert -1 <= run["reward_gain"] <= 1 and run["reward_gain"] * 144 == pytest.approx(
+            round(run["reward_gain"] * 144)
+        )
+    assert results["diffusion_dpo"]["reward_gain_vs_diffusion_dpo"]["mean"] == 0
+    expected = results["mapo"]["runs"][0]["reward_gain"] - results["diffusion_dpo"]["runs"][0]["reward_gain"]
+    assert results["mapo"]["reward_gain_vs_diffusion_dpo"]["mean"] == pytest.approx(expected)
+    table = (tmp_path / "table.md").read_text()
+    assert "reward gain over base | vs Diffusion-DPO |" in table and "embedded default, clean set" in table
+
+
+def test_compare_losses_summary_is_paired_over_seeds():
+    """Two seeds by hand: gains (0.10, 0.30) against Diffusion-DPO's (0.05, 0.15): mean gain 0.20, interval
+    t(1) x sd / sqrt(2) = 12.706 x 0.14142 / 1.41421 = 1.2706; paired differences (0.05, 0.15): mean 0.10, half
+    width 12.706 x 0.07071 / 1.41421 = 0.6353 (unpaired it would be wider)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_losses", ROOT / "examples" / "compare_losses.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(seed, gain, accuracy):
+        return {"seed": seed, "reward_gain": gain, "accuracy": accuracy, "margin": 0.0, "final_train_loss": 1.0,
+                "curve": [(1, 1.0)]}  # fmt: skip
+
+    reference = [run(0, 0.05, 0.5), run(1, 0.15, 0.7)]
+    summary = module._summary([run(0, 0.10, 0.6), run(1, 0.30, 0.8)], reference)
+    assert summary["reward_gain"]["mean"] == pytest.approx(0.20)
+    assert summary["reward_gain"]["half_width"] == pytest.approx(1.2706, abs=1e-4)
+    assert summary["reward_gain_vs_diffusion_dpo"]["mean"] == pytest.approx(0.10)
+    assert summary["reward_gain_vs_diffusion_dpo"]["half_width"] == pytest.approx(0.6353, abs=1e-4)
+    assert summary["accuracy"] == pytest.approx(0.7) and summary["seeds"] == [0, 1]
+
+
+@pytest.mark.slow
 def test_alpha_ablation_smoke(tmp_path):
     """The study's smoke grid (2 seeds, alpha 0 and 1, one learning-rate control) runs, resumes and reports."""
     command = [sys.executable, str(ROOT / "examples" / "alpha_ablation.py"), "--smoke", "--output", str(tmp_path)]
