@@ -410,6 +410,24 @@ def test_pairs_command_with_no_model_builds_a_set_from_the_embedded_model(tmp_pa
     assert (run / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_the_printed_train_command_uses_the_first_models_image_size():
+    """Pairs from two pipelines (the model first, a stronger one second) at different sizes: the command trains the
+    first model at its own samples' size, whatever size the first row's image has."""
+    from datasets import Dataset
+
+    from vipo_trl.cli.main import _train_command
+    from vipo_trl.data.images import encode_png
+
+    def png(size):
+        return encode_png(Image.new("RGB", (size, size)))
+
+    rows = Dataset.from_dict({"chosen": [png(64), png(32)], "chosen_generator": ["stronger", "mine + lora"]})
+    words = shlex.split(_train_command("org/my model", "/tmp/pairs", rows, "mine + lora"))
+    flags = dict(zip(words[3::2], words[4::2]))
+    assert words[:3] == ["vipo-trl", "train", "--use_peft"]
+    assert flags == {"--model_name_or_path": "org/my model", "--dataset_name": "/tmp/pairs", "--resolution": "32"}
+
+
 def test_eval_and_pairs_commands_accept_a_wan_pipeline(tmp_path, capsys):
     from datasets import load_dataset
 

@@ -295,7 +295,7 @@ def pairs(argv: list[str]) -> None:
         print(f"every scorer agrees on {100 * stats.consistency:.1f}% of the candidate pairs")
     print(f"dataset card: {result.output_dir / 'README.md'}")
     model = None if embedded else args.model_name_or_path[0]
-    print(f"train on it: {_train_command(model, result.output_dir, result.dataset)}")
+    print(f"train on it: {_train_command(model, result.output_dir, result.dataset, next(iter(pipes)))}")
     if args.lora:
         print(
             "(the samples came from base + LoRA: for a next round with that model as reference, see the Rounds "
@@ -303,10 +303,15 @@ def pairs(argv: list[str]) -> None:
         )
 
 
-def _train_command(model: str | None, pairs_dir: Any, dataset: Any) -> str:
+def _train_command(model: str | None, pairs_dir: Any, dataset: Any, generator: str) -> str:
     """The `vipo-trl train` command that trains the pairs' model (the first one named, or the embedded model) on
-    them with LoRA at the size the images were generated at, so a 32 px set is not trained upscaled to 512 px."""
+    them with LoRA at the size that model's samples were drawn at, so a 32 px set is not trained upscaled to 512 px."""
+    import io
     import shlex
+
+    from PIL import Image
+
+    from ..data.video import looks_like_video
 
     flags = {"model_name_or_path": model, "dataset_name": str(pairs_dir)}
     if model is None:  # the embedded model: its folder and the embedded run's training settings
@@ -315,21 +320,12 @@ def _train_command(model: str | None, pairs_dir: Any, dataset: Any) -> str:
         flags["model_name_or_path"] = str(MODEL_DIR)
         keys = ("learning_rate", "beta", "per_device_train_batch_size", "max_steps", "random_flip")
         flags.update({key: DEFAULT_SETTINGS[key] for key in keys})
-    chosen = dataset[0]["chosen"] if len(dataset) else None
-    from ..data.video import looks_like_video
-
-    if isinstance(chosen, bytes) and not looks_like_video(chosen):
-        import io
-
-        from PIL import Image
-
-        flags["resolution"] = min(Image.open(io.BytesIO(chosen)).size)
-    parts = ["vipo-trl train", "--use_peft"]
-    parts += [
-        f"--{key} {shlex.quote(str(value).lower() if isinstance(value, bool) else str(value))}"
-        for key, value in flags.items()
-    ]
-    return " ".join(parts)
+    rows = dataset.select_columns(["chosen", "chosen_generator"]) if len(dataset) else []
+    sample = next((row["chosen"] for row in rows if row["chosen_generator"] == generator), None)
+    if isinstance(sample, bytes) and not looks_like_video(sample):
+        flags["resolution"] = min(Image.open(io.BytesIO(sample)).size)
+    values = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in flags.items()}
+    return " ".join(["vipo-trl train --use_peft", *(f"--{key} {shlex.quote(v)}" for key, v in values.items())])
 
 
 def diagnose(argv: list[str]) -> None:
