@@ -191,7 +191,8 @@ def write_report(results: dict, output: Path, title: str) -> None:
     (output / "table.md").write_text(f"# {title}\n\n" + "\n".join(rows) + "\n")
     (output / "results.json").write_text(json.dumps(results, indent=2))
 
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if rewards else 2, figsize=(16 if rewards else 11, 4))
+    curves, bars = axes[0], axes[1]
     for name, r in results.items():
         steps, losses = zip(*r["curve"])
         if name == "dpo":  # the same run as diffusion_dpo: drawn dashed on top so both stay visible
@@ -204,6 +205,12 @@ def write_report(results: dict, output: Path, title: str) -> None:
     bars.bar(names, [results[n]["accuracy"] for n in names], color="tab:blue")
     bars.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     bars.set(ylim=(0, 1), ylabel="held-out implicit accuracy", title="same held-out pairs, same noise")
+    if rewards:  # what each run generates: the reward gain over the base, with its interval over seeds
+        gains = [results[n]["reward_gain"] for n in names]
+        errors = [g["half_width"] or 0.0 for g in gains]
+        axes[2].bar(names, [g["mean"] for g in gains], yerr=errors, capsize=4, color="tab:green")
+        axes[2].axhline(0, color="grey", linewidth=1)
+        axes[2].set(ylabel="reward gain over the base", title="generated samples (95% interval over seeds)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(output / "comparison.png", dpi=120)
