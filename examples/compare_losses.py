@@ -4,7 +4,7 @@ table and one plot of their metrics.
     python examples/compare_losses.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --dataset yuvalkirstain/pickapic_v2 --max_steps 500 --output compare-sd15
     python examples/compare_losses.py --smoke          # tiny SD and synthetic pairs, CPU, a minute
-    python examples/compare_losses.py --embedded --seeds 0 1 2    # the embedded model, rewards; CPU, ~10 min a seed
+    python examples/compare_losses.py --embedded --seeds 0 1 2    # the embedded model, rewards; CPU, ~7 min a seed
 
 Every run trains a LoRA from the same initialisation on the same batches (the per-pair noise and timesteps depend on
 the seed, step and row only). Each loss optimises its own objective, so their training losses are not comparable;
