@@ -36,6 +36,29 @@ def test_train_with_flags_saves_a_lora(tmp_path, tiny_sd_path, parquet):
     assert config["beta"] == 3000 and config["poly_alpha"] == 0.5 and config["loss_type"] == ["poly_dpo"]
 
 
+def test_ref_model_trains_a_next_round_against_an_earlier_lora(tmp_path, tiny_sd_path, parquet, capsys):
+    """Round 1's LoRA as round 2's reference: round 2's policy starts as the base (a fresh LoRA adds zero), so its
+    first Diffusion-DPO loss is ln 2 = 0.6931 against the base and something else against round 1's model."""
+    import re
+
+    base = ["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, "--use_peft", "--lora_r", "4",
+            "--loss_type", "diffusion_dpo", "--beta", "5000"]  # fmt: skip
+    main([*base, *common(tmp_path, "round1"), "--learning_rate", "0.05"])
+
+    def first_loss(out, *extra):
+        capsys.readouterr()
+        main([*base, *common(tmp_path, out), "--max_steps", "1", "--logging_steps", "1", *extra])
+        return float(re.search(r"'loss': '([0-9.e+-]+)'", capsys.readouterr().out).group(1))
+
+    assert first_loss("against_base") == pytest.approx(0.6931, abs=1e-4)
+    assert abs(first_loss("round2", "--ref_model", str(tmp_path / "round1")) - 0.6931) > 1e-3
+    assert (tmp_path / "round2" / "pytorch_lora_weights.safetensors").is_file()
+    for bad, message in [(tmp_path / "nowhere", "no such folder"), (tmp_path, "neither a LoRA folder")]:
+        with pytest.raises(SystemExit):
+            main([*base, *common(tmp_path, "bad"), "--ref_model", str(bad)])
+        assert f"--ref_model {bad}: {message}" in capsys.readouterr().err
+
+
 def test_yaml_config_with_flags_overriding_it(tmp_path, tiny_sd_path, parquet):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(

@@ -57,6 +57,28 @@ def check_model(name: str) -> None:
             )
 
 
+def check_ref_model(name: str) -> None:
+    """A local reference must be a LoRA folder (an earlier round's output) or a whole pipeline folder."""
+    from ..models.base import LORA_WEIGHT_NAME
+
+    if not looks_local(name):
+        return
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        raise CliError(f"--ref_model {name}: no such folder (nor is it a hub id like 'org/name').")
+    if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
+        return
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise CliError(
+            f"--ref_model {name}: neither a LoRA folder ({LORA_WEIGHT_NAME}, as `vipo-trl train --use_peft` saves) "
+            "nor a diffusers pipeline folder (model_index.json)."
+        )
+    try:
+        check_model(name)
+    except CliError as exc:
+        raise CliError(str(exc).replace("--model_name_or_path", "--ref_model", 1)) from None
+
+
 def check_dataset_name(name: str) -> None:
     """A local dataset must exist and hold something."""
     if not looks_local(name):

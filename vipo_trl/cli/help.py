@@ -17,14 +17,21 @@ COMMANDS_WITH_FLAGS = ("train", "cache", "eval", "pairs", "diagnose")
 
 def parser_for(command: str) -> Any:
     """The argument parser of `vipo-trl <command>` (the one the command itself parses with)."""
-    from .parser import CacheArguments, DiagnoseArguments, EvalArguments, PairsArguments, VipoArgumentParser
+    from .parser import (
+        CacheArguments,
+        DiagnoseArguments,
+        EvalArguments,
+        PairsArguments,
+        TrainArguments,
+        VipoArgumentParser,
+    )
 
     if command in ("train", "cache"):
         from trl import ModelConfig, ScriptArguments
 
         from ..trainer import PolyDPOConfig
 
-        middle = [CacheArguments] if command == "cache" else []
+        middle = [CacheArguments] if command == "cache" else [TrainArguments]
         types = [ScriptArguments, ModelConfig, *middle, PolyDPOConfig]
     else:
         types = [{"eval": EvalArguments, "pairs": PairsArguments, "diagnose": DiagnoseArguments}[command]]

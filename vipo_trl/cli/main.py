@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 from typing import Any
 
@@ -78,10 +79,12 @@ def train(argv: list[str]) -> None:
     from . import checks
 
     parser = parser_for("train")
-    script, model_args, config = parser.parse(argv)
+    script, model_args, train_args, config = parser.parse(argv)
     if script.ignore_bias_buffers:
         raise CliError("--ignore_bias_buffers is for language models trained with DDP; it has no effect here.")
     if model_args.model_name_or_path is None and script.dataset_name is None:
+        if train_args.ref_model:
+            raise CliError("--ref_model needs --model_name_or_path and --dataset_name; the embedded default has none.")
         try:
             from ..default import apply_default_settings, run_default
         except ImportError:
@@ -100,6 +103,8 @@ def train(argv: list[str]) -> None:
     # Everything the user named is checked before any model is loaded.
     checks.check_model(model_args.model_name_or_path)
     checks.check_dataset_name(script.dataset_name)
+    if train_args.ref_model:
+        checks.check_ref_model(train_args.ref_model)
     checks.check_output_dir(config)
     peft_config, quantization_config = _trainer_inputs(model_args, config)
     checks.check_resume(config, peft_config)
@@ -113,6 +118,7 @@ def train(argv: list[str]) -> None:
         eval_dataset=eval_dataset,
         peft_config=peft_config,
         quantization_config=quantization_config,
+        ref_model=train_args.ref_model,
     )
     trainer.dataset_name = script.dataset_name
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
@@ -298,7 +304,7 @@ def pairs(argv: list[str]) -> None:
     print(f"train on it: {_train_command(model, result.output_dir, result.dataset, next(iter(pipes)))}")
     if args.lora:
         print(
-            "(the samples came from base + LoRA: for a next round with that model as reference, see the Rounds "
+            "(the samples came from base + LoRA: for a next round with that model as the reference, see the Rounds "
             "section of docs/pairs.md)"
         )
 
@@ -307,7 +313,6 @@ def _train_command(model: str | None, pairs_dir: Any, dataset: Any, generator: s
     """The `vipo-trl train` command that trains the pairs' model (the first one named, or the embedded model) on
     them with LoRA at the size that model's samples were drawn at, so a 32 px set is not trained upscaled to 512 px."""
     import io
-    import shlex
 
     from PIL import Image
 

@@ -16,6 +16,20 @@ from ..utils import did_you_mean
 
 
 @dataclass
+class TrainArguments:
+    """`vipo-trl train` flags beyond TRL's script and model flags."""
+
+    ref_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The reference model, as PolyDPOTrainer's ref_model: a LoRA folder of an earlier round (kept as a "
+            "frozen adapter of the same network), or a pipeline folder or hub id; default: the base model (with "
+            "LoRA, the network with its adapters off)."
+        },
+    )
+
+
+@dataclass
 class CacheArguments:
     """Where and how to write a latent cache."""
 
