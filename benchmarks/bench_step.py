@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -267,6 +268,12 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (frozen networks in bf16)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs at once (keep 1 for figures; --smoke runs 2 of 1 thread each: a check that it runs, not timing)",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=[*MODES, *EXTRA_MODES])
     parser.add_argument("--extra", action="store_true", help="also run " + ", ".join(EXTRA_MODES))
     parser.add_argument("--json", help="also write every measurement and ratio to this file")
@@ -282,6 +289,7 @@ def main() -> None:
         return worker(opts.worker, opts)
     if opts.smoke:
         opts.repeats, opts.steps, opts.batch, opts.resolution, opts.unet_width = 1, 3, 2, 64, 16
+        opts.parallel, opts.threads = 2, 1  # most of a smoke run is each worker importing torch and diffusers
     if opts.extra:
         opts.modes += [m for m in EXTRA_MODES if m not in opts.modes]
 
@@ -308,20 +316,22 @@ def main() -> None:
         forwarded += [f"--{key}", str(getattr(opts, key))]
     forwarded += ["--bf16"] if opts.bf16 else []
     rounds: list[dict[str, dict]] = []
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, __file__, "--worker", mode, *forwarded], capture_output=True, text=True)
+
     for round_index in range(opts.repeats):
         results = {}
-        for mode in opts.modes:
-            out = subprocess.run(
-                [sys.executable, __file__, "--worker", mode, *forwarded], capture_output=True, text=True
-            )
-            if out.returncode != 0:
-                sys.exit(f"mode {mode} failed:\n{out.stderr[-4000:]}")
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(
-                f"round {round_index + 1}/{opts.repeats} {mode:>18}: {results[mode]['seconds_per_step']:.3f} s/step, "
-                f"peak {results[mode]['peak_mb']:.0f} MB",
-                flush=True,
-            )
+        with ThreadPoolExecutor(max_workers=opts.parallel) as pool:
+            for mode, out in zip(opts.modes, pool.map(run, opts.modes)):  # in mode order, each as it finishes
+                if out.returncode != 0:
+                    sys.exit(f"mode {mode} failed:\n{out.stderr[-4000:]}")
+                results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+                print(
+                    f"round {round_index + 1}/{opts.repeats} {mode:>18}: "
+                    f"{results[mode]['seconds_per_step']:.3f} s/step, peak {results[mode]['peak_mb']:.0f} MB",
+                    flush=True,
+                )
         rounds.append(results)
     report(opts, rounds)
 
