@@ -36,6 +36,7 @@ def test_train_with_flags_saves_a_lora(tmp_path, tiny_sd_path, parquet):
     assert config["beta"] == 3000 and config["poly_alpha"] == 0.5 and config["loss_type"] == ["poly_dpo"]
 
 
+@pytest.mark.filterwarnings("error:Already found a `peft_config`:UserWarning")  # the second adapter is intended
 def test_ref_model_trains_a_next_round_against_an_earlier_lora(tmp_path, tiny_sd_path, parquet, capsys):
     """Round 1's LoRA as round 2's reference: round 2's policy starts as the base (a fresh LoRA adds zero), so its
     first Diffusion-DPO loss is ln 2 = 0.6931 against the base and something else against round 1's model."""

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -213,12 +214,14 @@ class PolyDPOTrainer(Trainer):
             if ref_lora is not None:
                 # The earlier LoRA becomes a second adapter of the same network, switched on only for the reference.
                 self.ref_adapter = "reference"
-                denoiser.load_lora_adapter(
-                    ref_lora,
-                    weight_name=LORA_WEIGHT_NAME,
-                    prefix=self.family.denoiser_name,
-                    adapter_name=self.ref_adapter,
-                )
+                with warnings.catch_warnings():  # peft warns of a second adapter: here it is the point
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    denoiser.load_lora_adapter(
+                        ref_lora,
+                        weight_name=LORA_WEIGHT_NAME,
+                        prefix=self.family.denoiser_name,
+                        adapter_name=self.ref_adapter,
+                    )
                 denoiser.set_adapter("default")
             cast_training_params(denoiser, dtype=torch.float32)  # trainable LoRA weights are kept in float32
         else:
