@@ -46,12 +46,10 @@ def train_lora(model, pairs, output_dir: Path, seed: int, steps: int) -> Path:
 def pipeline(*loras: Path, fuse_all: bool = False):
     """The embedded model with `loras` applied in order: all but the last fused into the weights (all of them with
     `fuse_all`: the starting point of the next round, with no adapter left loaded)."""
-    from diffusers import DDIMScheduler
-
     from vipo_trl.default import load_default_pipeline
+    from vipo_trl.default.synthetic import use_ddim
 
-    pipe = load_default_pipeline()
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = use_ddim(load_default_pipeline())
     for k, lora in enumerate(loras):
         pipe.load_lora_weights(str(lora), adapter_name=f"round{k + 1}")
         if k < len(loras) - 1 or fuse_all:
@@ -69,11 +67,13 @@ def reward(pipe) -> float:
 
 def pairs_from(pipe, folder: Path, seed: int):
     from vipo_trl.default import ALL_SCENES
+    from vipo_trl.default.synthetic import SAMPLING_GUIDANCE, SAMPLING_STEPS
     from vipo_trl.eval import make_pairs
 
     result = make_pairs(
         [(s.prompt, s.shape) for s in ALL_SCENES], pipe, ["shapes"], folder, samples_per_prompt=6,
-        num_inference_steps=20, guidance_scale=4.0, pairing="all_pairs", batch_size=48, seed=seed, progress=False,
+        num_inference_steps=SAMPLING_STEPS, guidance_scale=SAMPLING_GUIDANCE, pairing="all_pairs", batch_size=48,
+        seed=seed, progress=False,
     )  # fmt: skip
     return result.dataset, result.stats
 
