@@ -96,6 +96,39 @@ def test_generic_schema_with_paths_pil_and_bytes(tmp_path):
     assert decode_image({"bytes": None, "path": str(path)}).size == (20, 16)
     with pytest.raises(ValueError, match="no image file"):
         decode_image(str(tmp_path / "missing.png"))
+    with pytest.raises(ValueError, match="relative path is read from the working directory"):
+        decode_image("images/missing.png")
+
+
+def test_relative_image_paths_in_a_data_file_are_read_from_its_folder(tmp_path, monkeypatch):
+    import json
+
+    from vipo_trl.data import load_preference_dataset
+
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "red.png").write_bytes(png_bytes((220, 30, 30)))
+    (folder / "images" / "blue.png").write_bytes(png_bytes((30, 30, 220)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "green.png").write_bytes(png_bytes((30, 220, 30)))  # relative to the working directory only
+    row = {"prompt": "a red square", "chosen": "images/red.png", "rejected": "images/blue.png"}
+    for name, rows in {"train.jsonl": [row, {**row, "rejected": "green.png"}], "test.jsonl": [row]}.items():
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(elsewhere)
+
+    for dataset in (load_preference_dataset(str(folder / "train.jsonl")), load_preference_dataset(str(folder))):
+        data = pairs(dataset)
+        assert is_red(data[0]["chosen"]) and not is_red(data[0]["rejected"])
+        r, g, b = np.asarray(data[1]["rejected"], dtype=np.float32).mean(axis=(0, 1))
+        assert g > r and g > b  # green.png, found from the working directory: kept as it is
+    held_out = load_preference_dataset(str(folder), split="test")
+    assert len(held_out) == 1 and is_red(pairs(held_out)[0]["chosen"])
+    streamed = next(iter(load_preference_dataset(str(folder / "train.jsonl"), streaming=True)))
+    assert streamed["chosen"] == str(folder / "images" / "red.png")
+    # One file has one split: asked for another, it must not hand back the training rows.
+    with pytest.raises(PreferenceDataError, match="no 'test' split"):
+        load_preference_dataset(str(folder / "train.jsonl"), split="test")
 
 
 def test_custom_column_names():

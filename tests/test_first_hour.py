@@ -158,6 +158,13 @@ def test_bad_datasets_fail_before_the_model_loads(
     assert "--dataset_name" in line and expected in line, line
 
 
+def test_evaluating_on_a_single_data_file_is_refused(tmp_path, tiny_sd_path, data_files, capsys, no_model_loads):
+    # A file has no test split: loading it as one would evaluate on the training rows.
+    argv = ["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", str(data_files / "good.parquet")]
+    line = one_line_error([*argv, "--eval_strategy", "steps", *common(tmp_path)], capsys)
+    assert "no 'test' split" in line and "folder holding train.* and test.*" in line, line
+
+
 def test_bad_models_fail_with_one_line(tmp_path, tiny_sd_path, data_files, capsys, no_model_loads):
     import shutil
 

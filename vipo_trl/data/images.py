@@ -53,7 +53,8 @@ def decode_image(value: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) 
         return decode_image(value["bytes"] if value.get("bytes") is not None else value["path"], max_pixels)
     elif isinstance(value, (str, os.PathLike)):
         if not os.path.isfile(value):
-            raise ValueError(f"no image file at {os.fspath(value)!r}")
+            where = "" if os.path.isabs(value) else f" (a relative path is read from the working directory, {os.getcwd()})"
+            raise ValueError(f"no image file at {os.fspath(value)!r}{where}")
         image = Image.open(value)
     elif isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 3:
         array = np.asarray(value)
