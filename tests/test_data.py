@@ -96,7 +96,7 @@ def test_generic_schema_with_paths_pil_and_bytes(tmp_path):
     assert decode_image({"bytes": None, "path": str(path)}).size == (20, 16)
     with pytest.raises(ValueError, match="no image file"):
         decode_image(str(tmp_path / "missing.png"))
-    with pytest.raises(ValueError, match="relative path is read from the working directory"):
+    with pytest.raises(ValueError, match="relative paths are read from the working directory"):
         decode_image("images/missing.png")
 
 

@@ -552,6 +552,28 @@ def test_eval_command_on_the_embedded_model(tmp_path, shapes_lora, capsys):
     assert "Did you mean 'pickscore'" in capsys.readouterr().err
 
 
+def test_a_scorer_whose_weights_cannot_be_read_is_one_line_naming_them(tmp_path, capsys, monkeypatch):
+    from vipo_trl.cli import main
+    from vipo_trl.eval import get_scorer
+    from vipo_trl.eval.scorers import _SCORERS, CLIPSimilarityScorer, ScorerUnavailable
+
+    empty = tmp_path / "no-weights"
+    empty.mkdir()  # a folder without config.json: transformers' OSError, raised without touching the network
+    with pytest.raises(ScorerUnavailable, match=r"scorer 'clip': cannot load its weights.*no-weights"):
+        get_scorer("clip", model=str(empty))
+
+    def offline_clip(model: str = str(empty), **kwargs):
+        return CLIPSimilarityScorer(model=model, **kwargs)
+
+    monkeypatch.setitem(_SCORERS._items, "offline_clip", offline_clip)
+    with pytest.raises(SystemExit):
+        main(["eval", "--scorers", "offline_clip", "--num_prompts", "1", "--output_dir", str(tmp_path / "e"),
+              "--device", "cpu"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "vipo-trl: error: scorer 'offline_clip'" in err and "hf download" in err and str(empty) in err, err
+    assert "Traceback" not in err and not (tmp_path / "e").exists()  # stopped before generating anything
+
+
 def test_eval_on_the_embedded_model_scores_the_samples_the_default_run_reports(tmp_path):
     """With no model named, `vipo-trl eval` samples as `vipo-trl train` reports its rewards (DDIM, 20 steps,
     guidance 4, batches of 48, the held-out seeds): the same images, so the same base reward."""
@@ -611,6 +633,9 @@ def test_load_prompts_reads_text_json_and_dataset_columns(tmp_path):
     assert load_prompts(str(tmp_path / "p.json"), limit=1) == ["x"]
     assert load_prompts(tmp_path / "p.json", limit=1) == ["x"]  # a Path too
     assert load_prompts(str(tmp_path / "d.parquet")) == ["b", "a"]  # unique, in order
+    # A generic-schema preference set names its prompts `prompt`: found without --prompt_column.
+    Dataset.from_dict({"prompt": ["c", "d"], "chosen": [b"", b""]}).to_parquet(str(tmp_path / "g.parquet"))
+    assert load_prompts(str(tmp_path / "g.parquet")) == ["c", "d"]
     assert load_prompts(None) == list(BUILTIN_PROMPTS)
     with pytest.raises(ValueError, match=r"no column 'prompt'.*set --prompt_column"):
         load_prompts(str(tmp_path / "d.parquet"), column="prompt")

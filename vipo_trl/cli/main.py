@@ -437,8 +437,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _known_input_errors() -> tuple[type[BaseException], ...]:
     from ..data.images import PreferenceDataError
+    from ..eval.scorers import ScorerUnavailable
 
-    return (PreferenceDataError, ValueError, FileNotFoundError, FloatingPointError)
+    return (PreferenceDataError, ValueError, FileNotFoundError, FloatingPointError, ScorerUnavailable)
 
 
 def quiet_known_warnings() -> None:

@@ -53,7 +53,9 @@ class EvalArguments:
             "--prompt_column to use; default: a built-in set (the scene prompts for the embedded model)."
         },
     )
-    prompt_column: str = field(default="caption", metadata={"help": "Prompt column when --prompts is a dataset."})
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "Prompt column when --prompts is a dataset (default: caption, or prompt)."}
+    )
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds; one image per prompt x seed."})
     scorers: list[str] | None = field(
@@ -95,7 +97,9 @@ class PairsArguments:
             "--prompt_column to use; default: builtin, or the scene prompts for the embedded model."
         },
     )
-    prompt_column: str = field(default="caption", metadata={"help": "Prompt column when --prompts is a dataset."})
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "Prompt column when --prompts is a dataset (default: caption, or prompt)."}
+    )
     category_column: str | None = field(default=None, metadata={"help": "Category column when --prompts is a dataset."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     scorers: list[str] | None = field(

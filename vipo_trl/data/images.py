@@ -53,7 +53,8 @@ def decode_image(value: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) 
         return decode_image(value["bytes"] if value.get("bytes") is not None else value["path"], max_pixels)
     elif isinstance(value, (str, os.PathLike)):
         if not os.path.isfile(value):
-            where = "" if os.path.isabs(value) else f" (a relative path is read from the working directory, {os.getcwd()})"
+            cwd = os.getcwd()
+            where = "" if os.path.isabs(value) else f" (relative paths are read from the working directory {cwd})"
             raise ValueError(f"no image file at {os.fspath(value)!r}{where}")
         image = Image.open(value)
     elif isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 3:

@@ -51,15 +51,20 @@ BUILTIN_CATEGORIES: dict[str, list[str]] = {
 }
 
 
+#: The prompt columns looked for when none is named: Pick-a-Pic v2's, then the generic schema's.
+PROMPT_COLUMNS = ("caption", "prompt")
+
+
 def load_prompt_set(
     source: str | os.PathLike | Sequence[str] | Sequence[tuple[str, str | None]] | None,
-    column: str = "caption",
+    column: str | None = None,
     category_column: str | None = None,
     limit: int | None = None,
 ) -> list[tuple[str, str | None]]:
     """(prompt, category) pairs from: `"builtin"` or `None` (`BUILTIN_CATEGORIES`); a `.txt` file, one prompt per
-    line, optionally `category<TAB>prompt`; a `.json` list of prompts; a dataset file or folder (`column`, and
-    `category_column` if given); or a list of prompts or (prompt, category) tuples."""
+    line, optionally `category<TAB>prompt`; a `.json` list of prompts; a dataset file or folder (`column`, by
+    default Pick-a-Pic's `caption` or the generic schema's `prompt`, and `category_column` if given); or a list of
+    prompts or (prompt, category) tuples."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if source is None or source == "builtin":
@@ -76,6 +81,9 @@ def load_prompt_set(
                 items.append((prompt.strip(), category.strip()) if tab else (line.strip(), None))
     else:
         dataset = load_preference_dataset(source)
+        if column is None:
+            found = [name for name in PROMPT_COLUMNS if name in dataset.column_names]
+            column = found[0] if found else PROMPT_COLUMNS[0]
         for name in (column, category_column):
             if name is not None and name not in dataset.column_names:
                 flag = "--prompt_column" if name == column else "--category_column"

@@ -96,9 +96,10 @@ def resolve_scorers(scorers: Sequence[str | RewardScorer], **kwargs: Any) -> lis
     return [s if isinstance(s, RewardScorer) else get_scorer(s, **kwargs) for s in scorers]
 
 
-def load_prompts(source: str | os.PathLike | None, column: str = "caption", limit: int | None = None) -> list[str]:
-    """Prompts from a text file (one per line), a JSON list, a dataset file or folder (its `column`), or the built-in
-    set (`BUILTIN_PROMPTS`); read by `vipo_trl.data.prompts.load_prompt_set`, without categories."""
+def load_prompts(source: str | os.PathLike | None, column: str | None = None, limit: int | None = None) -> list[str]:
+    """Prompts from a text file (one per line), a JSON list, a dataset file or folder (its `column`; by default
+    `caption` or `prompt`, whichever it has), or the built-in set (`BUILTIN_PROMPTS`); read by
+    `vipo_trl.data.prompts.load_prompt_set`, without categories."""
     if source is None:
         prompts = list(BUILTIN_PROMPTS)
         return prompts[:limit] if limit else prompts

@@ -86,12 +86,45 @@ def available_scorers() -> list[str]:
     return _SCORERS.names()
 
 
+class ScorerUnavailable(OSError):
+    """A scorer's weights could not be loaded (no network, no access, a mistyped `model=`); the message names the
+    scorer, the hub ids it reads and how to get them."""
+
+
 def get_scorer(name: str, **kwargs: Any) -> RewardScorer:
-    """A scorer by name; keyword arguments go to its constructor (e.g. `model=`, `device=`, `batch_size=`)."""
+    """A scorer by name; keyword arguments go to its constructor (e.g. `model=`, `device=`, `batch_size=`). Raises
+    `ScorerUnavailable` when its weights cannot be read."""
     # (the judge and the video scorers register when `vipo_trl.eval` is imported, which importing this module does)
-    scorer = _SCORERS.get(name)(**kwargs)
+    factory = _SCORERS.get(name)
+    try:
+        scorer = factory(**kwargs)
+    except OSError as exc:  # transformers/huggingface_hub report a missing or unreachable repo as an OSError
+        sources = _weight_sources(factory, kwargs)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fix = (
+            f"download {', '.join(sources)} once where the Hub is reachable (`hf download <id>`; kept in the Hugging "
+            "Face cache, then HF_HUB_OFFLINE=1 works), or in Python pass local folders (`get_scorer(name, model=...)`)"
+            if sources
+            else "check the scorer's weights"
+        )
+        raise ScorerUnavailable(f"scorer {name!r}: cannot load its weights ({reason}); {fix}.") from exc
     scorer.name = name
     return scorer
+
+
+def _weight_sources(factory: Callable[..., RewardScorer], kwargs: dict[str, Any]) -> list[str]:
+    """The hub ids or folders a scorer reads: its string arguments that name a repo or a path (given or default)."""
+    import inspect
+    import os
+
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return []
+    values = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    values.update(kwargs)
+    names = [v for k, v in values.items() if k in ("model", "processor", "base", "clip") and isinstance(v, str)]
+    return list(dict.fromkeys(v for v in names if "/" in v or os.path.isdir(v)))
 
 
 def _rgb(images: list[Image.Image]) -> list[Image.Image]:
