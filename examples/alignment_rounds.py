@@ -12,6 +12,7 @@ rewards differ.
 
     python examples/alignment_rounds.py                       # seeds 0 1, writes docs/rounds/
     python examples/alignment_rounds.py --seeds 0 --steps 50  # a quick look
+    python examples/alignment_rounds.py --smoke --output_dir /tmp/rounds  # the whole loop in seconds; no figures
 
 Results: `docs/rounds/results.json` and `docs/rounds/table.md`; resumable per seed (a finished seed is not rerun).
 """
@@ -59,42 +60,57 @@ def pipeline(*loras: Path, fuse_all: bool = False):
     return pipe
 
 
-def reward(pipe) -> float:
+def scenes(step: int = 1) -> list:
+    """The scene prompts: all of them, or one in `step` (the smoke run)."""
+    from vipo_trl.default import ALL_SCENES
+
+    return ALL_SCENES[::step]
+
+
+def reward(pipe, eval_seeds=EVAL_SEEDS, scenes_step: int = 1) -> float:
     from vipo_trl.default import evaluate_reward
 
-    return evaluate_reward(pipe, seeds=EVAL_SEEDS)[0]
+    return evaluate_reward(pipe, seeds=eval_seeds, scenes=scenes(scenes_step))[0]
 
 
-def pairs_from(pipe, folder: Path, seed: int):
-    from vipo_trl.default import ALL_SCENES
+def pairs_from(pipe, folder: Path, seed: int, samples_per_prompt: int = 6, scenes_step: int = 1):
     from vipo_trl.default.synthetic import SAMPLING_GUIDANCE, SAMPLING_STEPS
     from vipo_trl.eval import make_pairs
 
     result = make_pairs(
-        [(s.prompt, s.shape) for s in ALL_SCENES], pipe, ["shapes"], folder, samples_per_prompt=6,
-        num_inference_steps=SAMPLING_STEPS, guidance_scale=SAMPLING_GUIDANCE, pairing="all_pairs", batch_size=48,
-        seed=seed, progress=False,
+        [(s.prompt, s.shape) for s in scenes(scenes_step)], pipe, ["shapes"], folder,
+        samples_per_prompt=samples_per_prompt, num_inference_steps=SAMPLING_STEPS, guidance_scale=SAMPLING_GUIDANCE,
+        pairing="all_pairs", batch_size=48, seed=seed, progress=False,
     )  # fmt: skip
     return result.dataset, result.stats
 
 
-def run_seed(seed: int, out: Path, steps: int) -> dict:
+def run_seed(seed: int, out: Path, steps: int, eval_seeds=EVAL_SEEDS, samples_per_prompt=6, scenes_step=1) -> dict:
     start = time.perf_counter()
     work = out / "work" / f"seed{seed}"
     from vipo_trl.default import MODEL_DIR
 
-    base_reward = reward(pipeline())
-    pairs1, stats1 = pairs_from(pipeline(), work / "pairs1", seed)
+    def score(pipe) -> float:
+        return reward(pipe, eval_seeds, scenes_step)
+
+    def pairs(pipe, folder: Path, pair_seed: int):
+        return pairs_from(pipe, folder, pair_seed, samples_per_prompt, scenes_step)
+
+    base_reward = score(pipeline())
+    pairs1, stats1 = pairs(pipeline(), work / "pairs1", seed)
     lora1 = train_lora(str(MODEL_DIR), pairs1, work / "lora1", seed, steps)
-    round1 = reward(pipeline(lora1))
-    pairs2, stats2 = pairs_from(pipeline(lora1), work / "pairs2", seed + 1000)
+    round1 = score(pipeline(lora1))
+    pairs2, stats2 = pairs(pipeline(lora1), work / "pairs2", seed + 1000)
     lora2 = train_lora(pipeline(lora1, fuse_all=True), pairs2, work / "lora2", seed, steps)  # the reference: round 1
-    round2 = reward(pipeline(lora1, lora2))
+    round2 = score(pipeline(lora1, lora2))
     control = train_lora(str(MODEL_DIR), pairs1, work / "lora1_long", seed, 2 * steps)
-    longer = reward(pipeline(control))
+    longer = score(pipeline(control))
     return {
         "seed": seed,
         "steps_per_round": steps,
+        "eval_seeds": list(eval_seeds),
+        "samples_per_prompt": samples_per_prompt,
+        "scenes_step": scenes_step,
         "base": base_reward,
         "round1": round1,
         "round2": round2,
@@ -128,20 +144,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval_seeds", type=int, nargs="+", default=list(EVAL_SEEDS))
+    parser.add_argument("--samples_per_prompt", type=int, default=6)
     parser.add_argument("--output_dir", default="docs/rounds")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seed 0, 2 steps a round, 1 eval seed, one scene in 6, 2 samples a prompt: checks the loop, in seconds",
+    )
     args = parser.parse_args()
+    if args.smoke:
+        if args.output_dir == parser.get_default("output_dir"):
+            parser.error("--smoke writes no figures worth keeping: give it its own --output_dir")
+        args.seeds, args.steps, args.eval_seeds, args.samples_per_prompt = [0], 2, [10_001], 2
+    scenes_step = 6 if args.smoke else 1
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     runs = json.loads(results_file.read_text()) if results_file.exists() else []
-    done = {(r["seed"], r["steps_per_round"]) for r in runs}
+
+    def design(run: dict) -> tuple:  # runs from before these fields were recorded used the defaults
+        recorded = (run.get("eval_seeds", EVAL_SEEDS), run.get("samples_per_prompt", 6), run.get("scenes_step", 1))
+        return (run["steps_per_round"], tuple(recorded[0]), *recorded[1:])
+
+    wanted = (args.steps, tuple(args.eval_seeds), args.samples_per_prompt, scenes_step)
+    done = {r["seed"] for r in runs if design(r) == wanted}
     for seed in args.seeds:
-        if (seed, args.steps) in done:
+        if seed in done:
+            print(f"seed {seed}: done earlier, kept", flush=True)
             continue
-        runs.append(run_seed(seed, out, args.steps))
+        runs.append(run_seed(seed, out, args.steps, tuple(args.eval_seeds), args.samples_per_prompt, scenes_step))
         results_file.write_text(json.dumps(runs, indent=2))
         print(json.dumps(runs[-1]), flush=True)
-    runs = [r for r in runs if r["steps_per_round"] == args.steps and r["seed"] in args.seeds]
+    runs = [r for r in runs if design(r) == wanted and r["seed"] in args.seeds]
     (out / "table.md").write_text(table(runs) + "\n")
     print(table(runs))
 

@@ -139,3 +139,22 @@ def test_alpha_ablation_seeds_needed_for_the_interval_target():
     assert seeds_needed([0.0, 0.02]) == 11
     assert seeds_needed([0.0, 0.02], target=0.1) == 3  # n = 2: t(1) = 12.7 gives 0.127; n = 3: 0.035
     assert seeds_needed([0.01, 0.01, 0.01]) == 2  # no spread: the fewest seeds an interval needs
+
+
+@pytest.mark.slow
+def test_alignment_rounds_smoke(tmp_path):
+    """Both rounds and the control run through the public API, and a finished seed is kept on a rerun."""
+    command = [sys.executable, str(ROOT / "examples" / "alignment_rounds.py"), "--smoke", "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "results.json").read_text())
+    assert run["seed"] == 0 and run["steps_per_round"] == 2 and run["eval_seeds"] == [10_001]
+    assert run["pairs_round1"] > 0 and run["pairs_round2"] > 0
+    for key in ("base", "round1", "round2", "round1_twice_the_steps"):
+        assert 0.0 <= run[key] <= 1.0
+    for lora in ("lora1", "lora2", "lora1_long"):
+        assert (tmp_path / "work" / "seed0" / lora / "pytorch_lora_weights.safetensors").is_file()
+    assert "| 0 |" in (tmp_path / "table.md").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "seed 0: done earlier, kept" in again.stdout, again.stderr[-3000:]
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 1

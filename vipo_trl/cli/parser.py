@@ -54,7 +54,8 @@ class EvalArguments:
         },
     )
     prompt_column: str | None = field(
-        default=None, metadata={"help": "Prompt column when --prompts is a dataset (default: caption, or prompt)."}
+        default=None,
+        metadata={"help": "Prompt column when --prompts is a dataset; unset: caption or prompt, whichever it has."},
     )
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds; one image per prompt x seed."})
@@ -98,7 +99,8 @@ class PairsArguments:
         },
     )
     prompt_column: str | None = field(
-        default=None, metadata={"help": "Prompt column when --prompts is a dataset (default: caption, or prompt)."}
+        default=None,
+        metadata={"help": "Prompt column when --prompts is a dataset; unset: caption or prompt, whichever it has."},
     )
     category_column: str | None = field(default=None, metadata={"help": "Category column when --prompts is a dataset."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})

@@ -4,6 +4,7 @@ preference sets, so `vipo-trl train` with no model and no data shows the whole l
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +63,13 @@ def load_default_pipeline(lora: str | None = None, model_dir: str | Path = MODEL
     return pipe
 
 
-def evaluate_reward(pipe: Any, seeds: tuple[int, ...] = EVAL_SEEDS, progress: str | None = None) -> tuple[float, list]:
-    """Mean reward over every scene prompt x `seeds`, and the images (a progress bar titled `progress`)."""
-    prompts = [s.prompt for s in ALL_SCENES for _ in seeds]
-    images = generate(pipe, prompts, [seed for _ in ALL_SCENES for seed in seeds], progress=progress)
+def evaluate_reward(
+    pipe: Any, seeds: tuple[int, ...] = EVAL_SEEDS, progress: str | None = None, scenes: Sequence[Scene] = ALL_SCENES
+) -> tuple[float, list]:
+    """Mean reward over every scene prompt (of `scenes`) x `seeds`, and the images (a progress bar titled
+    `progress`)."""
+    prompts = [s.prompt for s in scenes for _ in seeds]
+    images = generate(pipe, prompts, [seed for _ in scenes for seed in seeds], progress=progress)
     return float(np.mean([reward(im, p) for im, p in zip(images, prompts)])), images
 
 

@@ -285,7 +285,8 @@ class PolyDPOTrainer(Trainer):
         if wrong:
             raise PreferenceDataError(
                 f"The latent cache {cache.path} was made for another model or preprocessing ({'; '.join(wrong)}). "
-                "Rebuild it for this model with vipo_trl.build_latent_cache, or train on the raw dataset."
+                "Set those fields as the cache has them, rebuild it with these (`vipo-trl cache` or "
+                "vipo_trl.build_latent_cache), or train on the raw dataset."
             )
         for key in ("center_crop", "random_flip", "seed"):
             if found.get(key) != expected[key]:
