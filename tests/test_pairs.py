@@ -33,6 +33,7 @@ from vipo_trl.eval import (
     register_scorer,
     sample_frames,
 )
+from vipo_trl.eval.pairs import prompts_per_batch
 from vipo_trl.testing import save_tiny_vlm, sd_pipeline, wan_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +134,34 @@ def test_make_pairs_is_reproducible_and_independent_of_the_shard_size(tmp_path):
     assert row["chosen_test_redness"] == pytest.approx(float(scorer.score([chosen], ["x"])), abs=1e-4)
     assert row["chosen_test_redness"] > row["rejected_test_redness"]
     assert row["score_margin"] == pytest.approx(row["chosen_score"] - row["rejected_score"])
+
+
+class CountingPipeline:
+    """A pipeline that records how many samples each call generates."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    def __call__(self, prompts, **kwargs):
+        self.calls.append(len(prompts))
+        return self.pipe(prompts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+def test_batch_size_generates_whole_prompts_together(tmp_path):
+    assert [prompts_per_batch(b, 3) for b in (2, 3, 6, 8)] == [1, 1, 2, 2]
+    assert prompts_per_batch(8, 4, pipelines=2) == 4  # 2 samples a prompt from each pipeline
+    calls = {}
+    for batch_size, shard in ((6, 1), (6, 3), (2, 2)):
+        pipe = CountingPipeline(sd_pipeline())
+        result = _make(tmp_path / f"b{batch_size}-{shard}", pipe, batch_size=batch_size, prompts_per_shard=shard)
+        calls[batch_size, shard] = pipe.calls
+        if batch_size == 6:
+            assert result.dataset["chosen"] == calls.setdefault("set", result.dataset["chosen"])
+    assert calls[6, 1] == calls[6, 3] == [6, 6]  # two prompts a call, whatever the shard size (rounded to 2 or 4)
+    assert calls[2, 2] == [2, 1] * 4  # one prompt's 3 samples do not fit: 2 + 1, one prompt at a time
 
 
 def test_make_pairs_with_two_scorers_two_pipelines_and_filters(tmp_path):

@@ -35,6 +35,15 @@ args = parser.parse_args()
 scorer = Redness(args.kill_after_images)
 scorer.name = "redness"
 prompts = ["a red square", "a blue circle", "two cats", "a sign"]
-make_pairs(prompts, sd_pipeline(), [scorer], args.out, samples_per_prompt=3, num_inference_steps=2,
-           prompts_per_shard=1, progress=False)  # fmt: skip
+make_pairs(
+    prompts,
+    sd_pipeline(),
+    [scorer],
+    args.out,
+    samples_per_prompt=3,
+    num_inference_steps=2,
+    prompts_per_shard=1,
+    batch_size=3,
+    progress=False,
+)  # fmt: skip  (one prompt per batch and per shard)
 print(json.dumps({"images_scored": scorer.scored, "rank": int(os.environ.get("RANK", "0"))}), flush=True)

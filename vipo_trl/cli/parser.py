@@ -129,7 +129,10 @@ class PairsArguments:
     balance_categories: bool = field(default=False, metadata={"help": "Keep equally many pairs per category."})
     num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps (default 30; 20)."})
     guidance_scale: float | None = field(default=None, metadata={"help": "Classifier-free guidance (default 7.5; 4)."})
-    batch_size: int = field(default=8, metadata={"help": "Samples of one prompt generated at once."})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "Samples generated at once: whole prompts' samples, as many prompts as fit."},
+    )
     prompts_per_shard: int = field(default=16, metadata={"help": "Prompts per shard file (the unit of resuming)."})
     seed: int = field(default=0, metadata={"help": "Fixes every sample's noise."})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})

@@ -61,6 +61,15 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int, samples_per_pro
     return (seed * 1_000_003 + prompt_index * samples_per_prompt + sample_index) % 2**63
 
 
+def prompts_per_batch(batch_size: int, samples_per_prompt: int, pipelines: int = 1) -> int:
+    """How many prompts `make_pairs` generates at once: as many whole prompts' samples (per pipeline) as fit in
+    `batch_size`, at least one."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: generate at least one sample at a time.")
+    per_pipeline = -(-samples_per_prompt // pipelines)
+    return max(1, batch_size // per_pipeline)
+
+
 def make_pairs(
     prompts: Any,
     pipelines: Any,
@@ -98,9 +107,12 @@ def make_pairs(
         combine, weights: how several scorers make one score (`vipo_trl.data.pairing.combine_scores`).
         pairing, margin: which samples are paired (`vipo_trl.data.pairing.pair_indices`).
         filters: which pairs the published set keeps; `combine="all_agree"` implies `consistent_only`.
-        prompts_per_shard: prompts per shard file; a killed build reruns only the shard in progress.
-        batch_size: samples generated at once, within one prompt's samples (so the set does not depend on the
-            shard size or the number of processes).
+        prompts_per_shard: prompts per shard file (rounded up to whole batches of prompts); a killed build reruns
+            only the shard in progress.
+        batch_size: samples generated at once. Whole prompts are batched together, `batch_size // samples per
+            pipeline` at a time (one prompt's samples in several calls when they do not fit), in fixed blocks of
+            prompt indices: a batch's make-up, and so the set, does not depend on the shard size or the number
+            of processes.
         describe: extra entries for the card's settings table (e.g. model ids).
         push_to_hub: a dataset repo id to upload the set and card to.
 
@@ -144,8 +156,11 @@ def make_pairs(
         "pairing": pairing,
         "margin": margin,
         "prompts_per_shard": prompts_per_shard,
+        "batch_size": batch_size,
         "seed": seed,
     }
+    block = prompts_per_batch(batch_size, samples_per_prompt, len(pipes))
+    prompts_per_shard = -(-prompts_per_shard // block) * block  # a shard holds whole blocks
     folder = PairsFolder(output_dir)
     state = _process_state()
     if state.is_main_process:
@@ -163,7 +178,7 @@ def make_pairs(
             chunk, first, pipes, point, judges[0] if judges else None,
             samples_per_prompt=samples_per_prompt, steps=num_inference_steps, guidance=guidance_scale,
             pipeline_kwargs=pipeline_kwargs or {}, combine=combine, weights=weights, pairing=pairing, margin=margin,
-            batch_size=batch_size, seed=seed, fps=fps, frames_scored=frames_scored,
+            batch_size=batch_size, block=block, seed=seed, fps=fps, frames_scored=frames_scored,
         )  # fmt: skip
         folder.write_shard(shard, rows)
     state.wait_for_everyone()
@@ -224,6 +239,7 @@ def _shard_rows(
     pairing: str,
     margin: float,
     batch_size: int,
+    block: int,
     seed: int,
     fps: int,
     frames_scored: int,
@@ -236,11 +252,12 @@ def _shard_rows(
         for k in range(samples_per_prompt)
     ]
     samples: dict[tuple[int, int], Any] = {}
-    # One prompt's samples per batch: a batch's make-up then depends on the prompt alone, not on how prompts are
-    # split into shards or processes (batched kernels round differently at other batch sizes, e.g. on one thread).
+    # `block` prompts per batch, blocks fixed by prompt index (`first` is a multiple of `block`): a batch's make-up
+    # then does not depend on how prompts are split into shards or processes (batched kernels round differently at
+    # other batch sizes, e.g. on one thread).
     for name in names:
-        for prompt_index in range(len(chunk)):
-            todo = [p for p in plan if p[2] == name and p[0] == prompt_index]
+        for start in range(0, len(chunk), block):
+            todo = [p for p in plan if p[2] == name and start <= p[0] < start + block]
             made = generate_images(
                 pipes[name], [chunk[i][0] for i, *_ in todo], [s for *_, s in todo], num_inference_steps=steps,
                 guidance_scale=guidance, batch_size=batch_size, **pipeline_kwargs,
