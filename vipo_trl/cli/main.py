@@ -454,6 +454,8 @@ def quiet_known_warnings() -> None:
         r".*torch_dtype.*deprecated.*",
         r".*pin_memory.*",
         r".*requires torchvision.*",
+        # TRL's name, kept by `trl dpo` configs and ours; transformers >= 5.23 maps it to `activation_checkpointing`
+        r"`gradient_checkpointing` is deprecated.*",
     ):
         warnings.filterwarnings("ignore", message=message)
     from diffusers.utils import logging as diffusers_logging
