@@ -594,3 +594,26 @@ def test_validation_prompts_make_comparable_images_during_training(tmp_path, tin
     first, last = (np.asarray(Image.open(folder / n), dtype=np.int16) for n in ("step-0.png", "step-3.png"))
     assert first.shape == last.shape == (16, 32, 3)  # one 16-px image per prompt, side by side
     assert np.abs(first - last).mean() > 1  # the LoRA changed what the model draws for the same seed
+
+
+def test_a_datasetdict_or_missing_columns_are_refused_before_the_model_loads(tmp_path, tiny_sd_path, monkeypatch):
+    from datasets import DatasetDict
+
+    import vipo_trl.trainer.poly_dpo_trainer as trainer_module
+    from vipo_trl.data import PreferenceDataError
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dataset's columns were checked")
+
+    monkeypatch.setattr(trainer_module, "load_family", refuse)
+    data = pickapic_dataset(4)
+    with pytest.raises(PreferenceDataError, match=r"train_dataset is a DatasetDict.*train_dataset=dataset\['train'\]"):
+        PolyDPOTrainer(tiny_sd_path, config(tmp_path), DatasetDict(train=data))
+    with pytest.raises(PreferenceDataError, match=r"train_dataset: .*lacks column\(s\) \['label_1'\]"):
+        PolyDPOTrainer(tiny_sd_path, config(tmp_path), data.remove_columns("label_1"))
+    with pytest.raises(PreferenceDataError, match=r"eval_dataset\['held_out'\]: .*lacks column\(s\) \['caption'\]"):
+        PolyDPOTrainer(tiny_sd_path, config(tmp_path), data, eval_dataset={"held_out": data.remove_columns("caption")})
+    # A DatasetDict as eval_dataset is several named evaluation sets, as in transformers' Trainer: accepted.
+    monkeypatch.undo()
+    trainer = PolyDPOTrainer(tiny_sd_path, config(tmp_path), data, eval_dataset=DatasetDict(a=data, b=data))
+    assert set(trainer.eval_dataset) == {"a", "b"}

@@ -53,6 +53,39 @@ CONFIG_NAME = "poly_dpo_config.json"
 CATEGORY_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
 
 
+def _check_columns_before_loading(train_dataset: Any, eval_dataset: Any, args: PolyDPOConfig) -> None:
+    """What the datasets' column names alone can tell, raised before a model of many GB is loaded: a `DatasetDict`
+    passed whole as the training set, and columns the schema needs but the data lacks."""
+    from ..data import resolve_columns
+
+    named = [("train_dataset", train_dataset)]
+    if isinstance(eval_dataset, dict):  # several named evaluation sets (a DatasetDict too), as in `Trainer`
+        named += [(f"eval_dataset[{key!r}]", value) for key, value in eval_dataset.items()]
+    else:
+        named.append(("eval_dataset", eval_dataset))
+    options = args.data_options()
+    for name, dataset in named:
+        if isinstance(dataset, dict):
+            splits = list(dataset)
+            raise PreferenceDataError(
+                f"{name} is a DatasetDict (splits {splits}): pass one split, e.g. "
+                f"{name}=dataset[{(splits[0] if splits else 'train')!r}]."
+            )
+        columns = getattr(dataset, "column_names", None)
+        if columns and not (is_latent_cache(dataset) or isinstance(dataset, LatentCacheDataset)):
+            try:
+                resolve_columns(
+                    list(columns),
+                    options.dataset_schema,
+                    options.prompt_column,
+                    options.chosen_column,
+                    options.rejected_column,
+                    options.category_column,
+                )
+            except PreferenceDataError as exc:
+                raise PreferenceDataError(f"{name}: {exc}") from None
+
+
 class PolyDPOTrainer(Trainer):
     """Trainer for Poly-DPO and the other preference losses of `vipo_trl.losses` on diffusion/flow models.
 
@@ -113,6 +146,7 @@ class PolyDPOTrainer(Trainer):
 
         datasets = [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])]
         datasets = [d for d in datasets if d is not None]
+        _check_columns_before_loading(train_dataset, eval_dataset, args)
         from_cache = bool(datasets) and all(is_latent_cache(d) or isinstance(d, LatentCacheDataset) for d in datasets)
         if quantization_config is not None and peft_config is None:
             raise ValueError(
@@ -229,7 +263,10 @@ class PolyDPOTrainer(Trainer):
                 denoiser.float()  # full fine-tuning trains float32 weights (mixed precision casts on the fly)
             denoiser.requires_grad_(True)
         if self.needs_reference and self.ref_adapter is None and (ref_model is not None or not self.is_lora):
-            self.ref_denoiser = _reference_denoiser(self.family, ref_model).to(frozen_dtype).requires_grad_(False)
+            self.ref_denoiser = _reference_denoiser(self.family, ref_model).requires_grad_(False)
+            reference_dtype = next(self.ref_denoiser.parameters()).dtype
+            if reference_dtype != frozen_dtype:  # (diffusers warns on every `.to(dtype)`, even a no-op)
+                self.ref_denoiser.to(frozen_dtype)
             self.ref_denoiser.eval()
         # `activation_checkpointing` since transformers 5.2x, `gradient_checkpointing` (now its alias) before
         if getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing:
