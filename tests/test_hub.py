@@ -59,7 +59,8 @@ def test_push_to_hub_uploads_lora_and_card_without_leaking_the_token(tmp_path, t
 
     card = files["README.md"].decode()
     metadata = yaml.safe_load(card.split("---")[1])
-    assert metadata["base_model"] == tiny_sd_path
+    # A local base model is named in the text only: the Hub refuses metadata that is not a repo id (as TRL).
+    assert "base_model" not in metadata and f"`{tiny_sd_path}`" in card
     assert metadata["datasets"] == ["yuvalkirstain/pickapic_v2"]
     assert metadata["library_name"] == "diffusers" and metadata["pipeline_tag"] == "text-to-image"
     assert {"vipo-trl", "poly-dpo", "lora", "diffusers"} <= set(metadata["tags"])
@@ -83,3 +84,17 @@ def test_push_to_hub_uploads_lora_and_card_without_leaking_the_token(tmp_path, t
     out = capsys.readouterr()
     assert TOKEN not in caplog.text and TOKEN not in out.out and TOKEN not in out.err
     assert all(TOKEN.encode() not in content for content in files.values())
+
+
+def test_card_metadata_names_hub_ids_only(tmp_path, tiny_sd_path, monkeypatch):
+    from vipo_trl.trainer.model_card import build_model_card
+
+    args = PolyDPOConfig(output_dir=str(tmp_path / "out"), resolution=16, report_to=[], use_cpu=True)
+    trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=LoraConfig(r=4, lora_alpha=4))
+    monkeypatch.setattr(trainer.family, "name_or_path", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    card = build_model_card(trainer, "alice/x", "yuvalkirstain/pickapic_v2")
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert card.data.datasets == ["yuvalkirstain/pickapic_v2"]
+    (tmp_path / "pairs.parquet").write_bytes(b"")
+    for local in (str(tmp_path / "pairs.parquet"), "my data/with spaces"):
+        assert build_model_card(trainer, "alice/x", local).data.datasets is None

@@ -156,6 +156,13 @@ def loading_snippet(pipeline_class: str, base_model: str, repo_id: str, is_lora:
     )
 
 
+def _is_hub_id(name: str | None) -> bool:
+    """`name` reads as a Hub repo id (`org/name` or `name`) and is not a local file or folder."""
+    import re
+
+    return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
 def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None) -> ModelCard:
     """A `huggingface_hub.ModelCard` describing how `trainer` produced its model."""
     from .._version import __version__
@@ -165,9 +172,10 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
     pipeline_class = family.pipeline_class.__name__
     tags = [*TAGS, "lora" if trainer.is_lora else "full-fine-tune"]
     tags.append("text-to-video" if family.is_video else "text-to-image")
+    # The Hub accepts only repo ids in this metadata (a local folder is named in the card's text instead), as TRL.
     card_data = ModelCardData(
-        base_model=family.name_or_path,
-        datasets=[dataset_name] if dataset_name else None,
+        base_model=family.name_or_path if _is_hub_id(family.name_or_path) else None,
+        datasets=[dataset_name] if _is_hub_id(dataset_name) else None,
         library_name="diffusers",
         pipeline_tag="text-to-video" if family.is_video else "text-to-image",
         tags=tags,
