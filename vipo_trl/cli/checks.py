@@ -94,7 +94,7 @@ def check_dataset_name(name: str) -> None:
 
 def check_dataset(dataset: Any, name: str, options: Any) -> None:
     """The loaded dataset has rows and the columns its schema needs (checked on the column names, before training)."""
-    from ..data import PreferenceDataError, is_latent_cache, resolve_columns
+    from ..data import PreferenceDataError, is_latent_cache
 
     if is_latent_cache(dataset):
         return
@@ -104,14 +104,7 @@ def check_dataset(dataset: Any, name: str, options: Any) -> None:
     names = getattr(dataset, "column_names", None)
     if names:
         try:
-            resolve_columns(
-                list(names),
-                options.dataset_schema,
-                options.prompt_column,
-                options.chosen_column,
-                options.rejected_column,
-                options.category_column,
-            )
+            options.columns_of(names)
         except PreferenceDataError as exc:
             raise CliError(f"--dataset_name {name}: {exc}") from None
     if rows is None:

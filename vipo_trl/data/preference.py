@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,17 @@ class DataOptions:
     num_frames: int | None = None
     fps: float | None = None
     buckets: tuple[tuple[int, int], ...] | None = None  # aspect-ratio buckets (height, width); None: square crops
+
+    def columns_of(self, column_names: Sequence[str]) -> PreferenceColumns:
+        """The schema and columns these options pick in a dataset with `column_names` (`resolve_columns`)."""
+        return resolve_columns(
+            list(column_names),
+            self.dataset_schema,
+            self.prompt_column,
+            self.chosen_column,
+            self.rejected_column,
+            self.category_column,
+        )
 
 
 def resolve_columns(
@@ -395,14 +406,7 @@ def pairs_from_options(
     """The pairs of `dataset` as `options` describe them: schema and columns, aspect-ratio buckets (sides multiples
     of `bucket_divisibility`, the model's), ties, strictness and frame sampling."""
     names = getattr(dataset, "column_names", None) or list(next(iter(dataset)).keys())  # a stream may declare none
-    columns = resolve_columns(
-        names,
-        options.dataset_schema,
-        options.prompt_column,
-        options.chosen_column,
-        options.rejected_column,
-        options.category_column,
-    )
+    columns = options.columns_of(names)
     buckets = resolve_buckets(options.aspect_ratio_buckets, options.resolution, bucket_divisibility)
     resolved = dataclasses.replace(options, buckets=tuple(map(tuple, buckets)) if buckets else None)
     return preference_pairs(dataset, columns, resolved)

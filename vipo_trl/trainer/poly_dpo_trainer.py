@@ -56,8 +56,6 @@ CATEGORY_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
 def _check_columns_before_loading(train_dataset: Any, eval_dataset: Any, args: PolyDPOConfig) -> None:
     """What the datasets' column names alone can tell, raised before a model of many GB is loaded: a `DatasetDict`
     passed whole as the training set, and columns the schema needs but the data lacks."""
-    from ..data import resolve_columns
-
     named = [("train_dataset", train_dataset)]
     if isinstance(eval_dataset, dict):  # several named evaluation sets (a DatasetDict too), as in `Trainer`
         named += [(f"eval_dataset[{key!r}]", value) for key, value in eval_dataset.items()]
@@ -74,14 +72,7 @@ def _check_columns_before_loading(train_dataset: Any, eval_dataset: Any, args: P
         columns = getattr(dataset, "column_names", None)
         if columns and not (is_latent_cache(dataset) or isinstance(dataset, LatentCacheDataset)):
             try:
-                resolve_columns(
-                    list(columns),
-                    options.dataset_schema,
-                    options.prompt_column,
-                    options.chosen_column,
-                    options.rejected_column,
-                    options.category_column,
-                )
+                options.columns_of(columns)
             except PreferenceDataError as exc:
                 raise PreferenceDataError(f"{name}: {exc}") from None
 
