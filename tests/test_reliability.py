@@ -112,17 +112,49 @@ def fsdp_launch(port: int) -> list[str]:
     return [*launch, "--main_process_port", str(port), SCRIPT, "--cpu_fsdp"]
 
 
-def assert_full_fine_tuning_equals_one_process(launch: list[str], tmp_path: Path, model: str) -> dict:
+# The runs several tests compare against are made once per module: 1 process at batch 2 (full fine-tuning, LoRA),
+# and 2 processes at batch 1 each under FSDP and ZeRO-3 (full fine-tuning, checkpoints at steps 2 and 3), which the
+# equality tests compare with 1 process and the resume tests resume from a copy of.
+ONE_PROCESS = ["--steps", "3", "--save_steps", "100", "--batch", "2"]
+TWO_PROCESSES_FULL = ["--full", "--batch", "1", "--steps", "3", "--save_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_full(tmp_path_factory, tiny_sd_path) -> Path:
+    out = tmp_path_factory.mktemp("one-full")
+    run("--model", tiny_sd_path, "--full", *ONE_PROCESS, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_lora(tmp_path_factory, tiny_sd_path) -> Path:
+    out = tmp_path_factory.mktemp("one-lora")
+    run("--model", tiny_sd_path, *ONE_PROCESS, "--out", out)
+    return out
+
+
+def two_process_full_run(launch: list[str], out: Path, model: str) -> Path:
+    launch_two(launch, "--model", model, *TWO_PROCESSES_FULL, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_full(tmp_path_factory, tiny_sd_path) -> Path:
+    return two_process_full_run(fsdp_launch(29561), tmp_path_factory.mktemp("fsdp-full"), tiny_sd_path)
+
+
+@pytest.fixture(scope="module")
+def zero3_full(tmp_path_factory, tiny_sd_path) -> Path:
+    return two_process_full_run(zero3_launch(29583), tmp_path_factory.mktemp("zero3-full"), tiny_sd_path)
+
+
+def assert_full_fine_tuning_equals_one_process(two: Path, one: Path) -> dict:
     """A 2-process full fine-tuning run at batch 1 each against 1 process at batch 2 (same rows, same noise per row,
     gradients reduced over 2 ranks): the same losses and weights up to float summation order (measured: losses at
     most 8e-5 relative apart); the checkpoint holds the whole model, gathered from both ranks, loadable by diffusers.
     Returns the 2-process run's facts."""
     from diffusers import UNet2DConditionModel
 
-    common = ["--model", model, "--full", "--steps", "3", "--save_steps", "100"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run(*common, "--out", one, "--batch", 2)
-    launch_two(launch, *common, "--out", two, "--batch", 1)
     for step, value in losses(one).items():
         assert losses(two)[step] == pytest.approx(value, rel=2e-4)
     single, sharded = final_state(one), final_state(two)
@@ -138,8 +170,8 @@ def assert_full_fine_tuning_equals_one_process(launch: list[str], tmp_path: Path
 
 
 @pytest.mark.slow
-def test_fsdp_full_fine_tuning_shards_the_reference_and_equals_one_process(tmp_path, tiny_sd_path):
-    facts = assert_full_fine_tuning_equals_one_process(fsdp_launch(29561), tmp_path, tiny_sd_path)
+def test_fsdp_full_fine_tuning_shards_the_reference_and_equals_one_process(fsdp_full, one_process_full):
+    facts = assert_full_fine_tuning_equals_one_process(fsdp_full, one_process_full)
     assert facts["fsdp"]
     # The frozen reference copy is sharded like the policy (prepared as trl prepares its reference), not whole.
     assert facts["reference"].startswith("FSDP")
@@ -151,13 +183,11 @@ def launch_two(launch: list[str], *args) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def assert_lora_equals_one_process(launch: list[str], tmp_path: Path, model: str) -> dict:
-    """A 2-process LoRA run at batch 1 each against 1 process at batch 2: the same losses and saved LoRA, up to
-    float summation order. Returns the 2-process run's facts."""
-    common = ["--model", model, "--steps", "3", "--save_steps", "100"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    run(*common, "--out", one, "--batch", 2)
-    launch_two(launch, *common, "--out", two, "--batch", 1)
+def assert_lora_equals_one_process(launch: list[str], tmp_path: Path, model: str, one: Path) -> dict:
+    """A 2-process LoRA run at batch 1 each against 1 process at batch 2 (`one`): the same losses and saved LoRA, up
+    to float summation order. Returns the 2-process run's facts."""
+    two = tmp_path / "two"
+    launch_two(launch, "--model", model, "--steps", "3", "--save_steps", "100", "--out", two, "--batch", 1)
     for step, value in losses(one).items():  # (step 2: 1.2e-4 apart, after one Adam step on summation-order noise)
         assert losses(two)[step] == pytest.approx(value, rel=1e-3)
     lora_one = load_file(one / "checkpoint-3" / "pytorch_lora_weights.safetensors")
@@ -168,33 +198,35 @@ def assert_lora_equals_one_process(launch: list[str], tmp_path: Path, model: str
     return run_facts(two)
 
 
-def assert_resume_matches_uninterrupted(launch: list[str], tmp_path: Path, model: str) -> None:
-    """Full fine-tuning, 2 processes: run 3 steps saving at 2; delete checkpoint-3 and the results, as if killed after
-    checkpoint-2; resume: only step 3 runs, and the weights equal the uninterrupted run's exactly."""
-    args = ["--model", model, "--full", "--batch", "1", "--steps", "3", "--save_steps", "2", "--out", tmp_path]
-    launch_two(launch, *args)
-    uninterrupted = final_state(tmp_path)
-    shutil.rmtree(tmp_path / "checkpoint-3")
+def assert_resume_matches_uninterrupted(launch: list[str], finished: Path, tmp_path: Path, model: str) -> None:
+    """Full fine-tuning, 2 processes: a copy of a finished 3-step run that saved at 2 and 3 (`finished`), with
+    checkpoint-3 and the results deleted, as if killed after checkpoint-2; resume: only step 3 runs, and the weights
+    equal the uninterrupted run's exactly."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    uninterrupted = final_state(finished)
+    shutil.rmtree(out / "checkpoint-3")
     for rank in (0, 1):
-        (tmp_path / f"final-rank{rank}.safetensors").unlink()
-    launch_two(launch, *args, "--resume")
-    assert run_facts(tmp_path)["executed_steps"] == [3]  # resumed after checkpoint-2, not restarted
-    resumed = final_state(tmp_path)
+        (out / f"final-rank{rank}.safetensors").unlink()
+    (out / "run.json").unlink()
+    launch_two(launch, "--model", model, *TWO_PROCESSES_FULL, "--out", out, "--resume")
+    assert run_facts(out)["executed_steps"] == [3]  # resumed after checkpoint-2, not restarted
+    resumed = final_state(out)
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
 
 
 @pytest.mark.slow
-def test_fsdp_lora_trains_and_saves_the_lora_of_one_process(tmp_path, tiny_sd_path):
+def test_fsdp_lora_trains_and_saves_the_lora_of_one_process(tmp_path, tiny_sd_path, one_process_lora):
     """LoRA's reference runs through the policy's own FSDP module (adapters disabled)."""
-    facts = assert_lora_equals_one_process(fsdp_launch(29562), tmp_path, tiny_sd_path)
+    facts = assert_lora_equals_one_process(fsdp_launch(29562), tmp_path, tiny_sd_path, one_process_lora)
     assert facts["fsdp"] and facts["world_size"] == 2
 
 
 @pytest.mark.slow
-def test_fsdp_resume_matches_the_uninterrupted_run(tmp_path, tiny_sd_path):
+def test_fsdp_resume_matches_the_uninterrupted_run(tmp_path, tiny_sd_path, fsdp_full):
     """Resuming loads the sharded module from accelerate's FSDP checkpoint, each rank its shards."""
-    assert_resume_matches_uninterrupted(fsdp_launch(29563), tmp_path, tiny_sd_path)
+    assert_resume_matches_uninterrupted(fsdp_launch(29563), fsdp_full, tmp_path, tiny_sd_path)
 
 
 def zero3_launch(port: int, config: Path | None = None) -> list[str]:
@@ -206,13 +238,19 @@ def zero3_launch(port: int, config: Path | None = None) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [3, 2])
-def test_deepspeed_full_fine_tuning_equals_one_process_with_a_zero3_sharded_reference(tmp_path, tiny_sd_path, stage):
+def test_deepspeed_full_fine_tuning_equals_one_process_with_a_zero3_sharded_reference(
+    tmp_path, tiny_sd_path, stage, one_process_full, request
+):
     """Also the frozen text encoder: transformers would load it partitioned under ZeRO-3 (empty parameters outside
     any DeepSpeed engine); the trainer loads it whole."""
-    config = tmp_path / f"zero{stage}.yaml"
-    yaml = (Path(__file__).parent / "scripts" / "zero3_cpu.yaml").read_text()
-    config.write_text(yaml.replace("zero_stage: 3", f"zero_stage: {stage}"))
-    facts = assert_full_fine_tuning_equals_one_process(zero3_launch(29580 + stage, config), tmp_path, tiny_sd_path)
+    if stage == 3:
+        two = request.getfixturevalue("zero3_full")
+    else:
+        config = tmp_path / f"zero{stage}.yaml"
+        yaml = (Path(__file__).parent / "scripts" / "zero3_cpu.yaml").read_text()
+        config.write_text(yaml.replace("zero_stage: 3", f"zero_stage: {stage}"))
+        two = two_process_full_run(zero3_launch(29580 + stage, config), tmp_path / "two", tiny_sd_path)
+    facts = assert_full_fine_tuning_equals_one_process(two, one_process_full)
     assert facts["deepspeed"]
     # The frozen reference copy is a DeepSpeed engine as trl's prepare_deepspeed makes it: under ZeRO-3 partitioned
     # like the policy, not whole on each rank; under ZeRO-2 (which shards optimizer state only) whole.
@@ -224,17 +262,17 @@ def test_deepspeed_full_fine_tuning_equals_one_process_with_a_zero3_sharded_refe
 
 
 @pytest.mark.slow
-def test_zero3_lora_is_saved_without_gathering_the_whole_network(tmp_path, tiny_sd_path):
+def test_zero3_lora_is_saved_without_gathering_the_whole_network(tmp_path, tiny_sd_path, one_process_lora):
     """With `zero3_save_16bit_model: false` DeepSpeed gathers no weights for saving; the LoRA is still written (the
     trainer gathers only its parameters) and equals the LoRA of one process."""
     config = tmp_path / "zero3_no_gather.yaml"
     yaml = (Path(__file__).parent / "scripts" / "zero3_cpu.yaml").read_text()
     config.write_text(yaml.replace("zero3_save_16bit_model: true", "zero3_save_16bit_model: false"))
-    facts = assert_lora_equals_one_process(zero3_launch(29584, config), tmp_path, tiny_sd_path)
+    facts = assert_lora_equals_one_process(zero3_launch(29584, config), tmp_path, tiny_sd_path, one_process_lora)
     assert facts["deepspeed"] and facts["reference"] is None  # LoRA: the reference is the adapters disabled
 
 
 @pytest.mark.slow
-def test_zero3_resume_matches_the_uninterrupted_run(tmp_path, tiny_sd_path):
+def test_zero3_resume_matches_the_uninterrupted_run(tmp_path, tiny_sd_path, zero3_full):
     """Resuming loads DeepSpeed's partitioned checkpoint (model and optimizer states), each rank its partition."""
-    assert_resume_matches_uninterrupted(zero3_launch(29585), tmp_path, tiny_sd_path)
+    assert_resume_matches_uninterrupted(zero3_launch(29585), zero3_full, tmp_path, tiny_sd_path)
