@@ -639,3 +639,22 @@ def test_load_prompts_reads_text_json_and_dataset_columns(tmp_path):
     assert load_prompts(None) == list(BUILTIN_PROMPTS)
     with pytest.raises(ValueError, match=r"no column 'prompt'.*set --prompt_column"):
         load_prompts(str(tmp_path / "d.parquet"), column="prompt")
+
+
+def test_reports_are_written_without_matplotlib(tmp_path, monkeypatch):
+    """matplotlib is an optional extra: without it eval and diagnose write every number and say which plot is
+    missing, instead of failing at the end of a long run."""
+    import sys
+
+    from vipo_trl.eval.evaluate import EvalResult, write_report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    image = Image.new("RGB", (32, 32))
+    result = EvalResult(["a", "b"], [0, 0], {"shapes": [0.5, 0.7]}, {"shapes": [0.6, 0.9]})
+    with pytest.warns(UserWarning, match="scores.png not drawn: matplotlib is not installed"):
+        write_report(result, [image] * 2, [image] * 2, tmp_path / "eval")
+    assert (tmp_path / "eval" / "results.json").is_file() and (tmp_path / "eval" / "grid.png").is_file()
+    assert not (tmp_path / "eval" / "scores.png").exists()
+    with pytest.warns(UserWarning, match="diagnosis.png not drawn"):
+        diagnose(rendered_pairs(4, flip_rate=0.0), ["shapes"], output_dir=tmp_path / "diag")
+    assert (tmp_path / "diag" / "diagnosis.json").is_file() and not (tmp_path / "diag" / "diagnosis.png").exists()

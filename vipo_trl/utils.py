@@ -17,6 +17,22 @@ def stable_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def pyplot_or_none(figure: str) -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or `None` with a warning that `figure` is not drawn when
+    matplotlib is not installed: the reports' plots are optional, their numbers are written regardless."""
+    try:
+        import matplotlib
+    except ImportError:
+        import warnings
+
+        warnings.warn(f"{figure} not drawn: matplotlib is not installed (pip install matplotlib).", stacklevel=3)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """`" Did you mean 'x'?"` for the closest of `choices` to a mistyped `name`, or `""` when none is close."""
     close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)

@@ -192,12 +192,13 @@ def evaluate(argv: list[str]) -> None:
     seeds = ", ".join(map(str, args.seeds))
     print(f"{len(result.prompts)} images per model ({len(prompts)} prompts x seeds {seeds})")
     print(result.table())
+    plot = " and scores.png" if os.path.isfile(os.path.join(args.output_dir, "scores.png")) else ""
     if args.lora:
-        print(f"results.json, results.md, grid.png (rows: base, aligned) and scores.png in {args.output_dir}")
+        print(f"results.json, results.md, grid.png (rows: base, aligned){plot} in {args.output_dir}")
     else:
         print(
             f"results.json, results.md, grid.png (the base model only: pass --lora FOLDER to compare an aligned "
-            f"model) and scores.png in {args.output_dir}"
+            f"model){plot} in {args.output_dir}"
         )
     if embedded:
         print("(the embedded default's held-out samples, as `vipo-trl train` reports them, unless --seeds is given)")
@@ -373,7 +374,8 @@ def diagnose(argv: list[str]) -> None:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     print(report)
-    print(f"diagnosis.json, diagnosis.txt and diagnosis.png in {args.output_dir}")
+    plot = " and diagnosis.png" if os.path.isfile(os.path.join(args.output_dir, "diagnosis.png")) else ""
+    print(f"diagnosis.json, diagnosis.txt{plot} in {args.output_dir}")
 
 
 def env(argv: list[str]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..utils import pyplot_or_none
 from .evaluate import resolve_scorers
 from .scorers import RewardScorer
 
@@ -265,10 +266,9 @@ def diagnose(
 
 def plot_diagnosis(report: Diagnosis, path: Path) -> None:
     """Stacked bars per scorer (agree / tie / disagree) and the all-scorer consistency and easy share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot_or_none(path.name)
+    if plt is None:
+        return
 
     names = list(report.scorers)
     agree = [report.scorers[n].agree for n in names]

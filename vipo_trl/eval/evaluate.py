@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from ..data.prompts import load_prompt_set
 from ..models.generation import generate_images, labelled_grid
+from ..utils import pyplot_or_none
 from .scorers import RewardScorer, get_scorer
 from .stats import WinRate, win_rate
 from .video_scorers import for_videos, is_video
@@ -188,10 +189,9 @@ def _still(sample: Any) -> Image.Image:
 
 def plot_scores(result: EvalResult, path: Path) -> None:
     """Per scorer: base and aligned mean score (bars), and the win rate with its interval (title)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot_or_none(path.name)
+    if plt is None:
+        return
 
     names = list(result.base_scores)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
