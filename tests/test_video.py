@@ -99,3 +99,23 @@ def test_wan_trains_on_mp4_pairs(tmp_path):
     trainer.train()
     assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
     assert_every_lora_b_moved(trainer.model, before)
+
+
+def test_without_pyav_video_pairs_stop_with_the_extra_to_install(tmp_path, tiny_sd_path, monkeypatch, capsys):
+    """A missing PyAV is not a bad row (every video row would be skipped as undecodable): it stops, naming the fix."""
+    import sys
+
+    from vipo_trl.cli import main
+    from vipo_trl.data.video import MissingDependency
+
+    clips = Dataset.from_dict({"prompt": ["a cat"] * 2, "chosen": [write_mp4()] * 2, "rejected": [write_mp4()] * 2})
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    data = PreferencePairs(clips, resolve_columns(clips.column_names), DataOptions(num_frames=4))
+    with pytest.raises(MissingDependency, match=r"pip install 'vipo-trl\[video\]'"):
+        data[0]
+    clips.to_parquet(str(tmp_path / "clips.parquet"))
+    with pytest.raises(SystemExit):
+        main(["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", str(tmp_path / "clips.parquet"),
+              "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--use_cpu", "true"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "vipo-trl: error: Decoding video files needs PyAV" in err and "Traceback" not in err, err

@@ -441,9 +441,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def _known_input_errors() -> tuple[type[BaseException], ...]:
     from ..data.images import PreferenceDataError
+    from ..data.video import MissingDependency
     from ..eval.scorers import ScorerUnavailable
 
-    return (PreferenceDataError, ValueError, FileNotFoundError, FloatingPointError, ScorerUnavailable)
+    errors = (PreferenceDataError, ValueError, FileNotFoundError, FloatingPointError)
+    return (*errors, ScorerUnavailable, MissingDependency)
 
 
 def quiet_known_warnings() -> None:

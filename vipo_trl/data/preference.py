@@ -26,6 +26,7 @@ from .images import (
     paired_transform,
 )
 from .sampling import nearest_bucket, resolve_buckets
+from .video import MissingDependency
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,8 @@ def load_pair(row: dict[str, Any], row_index: int, columns: PreferenceColumns, o
             media[role] = decode_media(row[column], options.max_image_pixels, options.num_frames, options.fps)
         except ImageTooLarge as exc:
             raise BadRow("too_large", f"Row {row_index}, column {column!r}: {exc}.") from exc
+        except MissingDependency:
+            raise
         except Exception as exc:  # PIL and PyAV raise many types for bad files; all mean the same to the user
             raise BadRow(
                 "undecodable", f"Row {row_index}, column {column!r}: cannot decode the image or video ({exc})."

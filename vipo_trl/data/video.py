@@ -23,6 +23,11 @@ def looks_like_video(value: Any) -> bool:
     return False
 
 
+class MissingDependency(ImportError):
+    """An optional dependency the input needs is not installed; the message names the extra to install. Not a bad
+    row: every row of the kind would fail the same way."""
+
+
 def decode_video(value: Any, num_frames: int | None = None, fps: float | None = None) -> list[Image.Image]:
     """RGB frames of a video given as a path, bytes or a `{"bytes", "path"}` dict.
 
@@ -32,8 +37,8 @@ def decode_video(value: Any, num_frames: int | None = None, fps: float | None = 
     """
     try:
         import av
-    except ImportError as exc:  # pragma: no cover - av is a declared dependency of the video extra
-        raise ImportError("Decoding video files needs PyAV: pip install 'vipo-trl[video]'.") from exc
+    except ImportError as exc:  # av comes with the video extra
+        raise MissingDependency("Decoding video files needs PyAV: pip install 'vipo-trl[video]'.") from exc
     if isinstance(value, dict):
         value = value["bytes"] if value.get("bytes") is not None else value["path"]
     source = io.BytesIO(bytes(value)) if isinstance(value, (bytes, bytearray, memoryview)) else os.fspath(value)
@@ -65,8 +70,8 @@ def encode_video(frames: list[Image.Image], fps: int = 16) -> bytes:
     """`frames` as mp4 bytes (H.264, yuv420p; odd sizes are padded by one pixel, as the codec needs even sides)."""
     try:
         import av
-    except ImportError as exc:  # pragma: no cover - av is a declared dependency of the video extra
-        raise ImportError("Encoding video files needs PyAV: pip install 'vipo-trl[video]'.") from exc
+    except ImportError as exc:  # av comes with the video extra
+        raise MissingDependency("Encoding video files needs PyAV: pip install 'vipo-trl[video]'.") from exc
     if not frames:
         raise ValueError("encode_video: no frames.")
     width, height = frames[0].size
