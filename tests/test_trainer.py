@@ -395,6 +395,36 @@ def test_resumed_full_finetune_matches(tmp_path, tiny_sd_path):
         torch.testing.assert_close(resumed[k], full[k])
 
 
+@pytest.mark.parametrize("lora_on", [True, False], ids=["lora", "full"])
+def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path, tiny_sd_path, lora_on):
+    class PickStepTwo(TrainerCallback):
+        """A metric whose best is the first evaluation, so the best checkpoint is not the last state."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            metrics["eval_pick"] = 1.0 if state.global_step == 2 else 0.0
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            snapshots[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    snapshots = {}
+    args = config(
+        tmp_path, max_steps=4, learning_rate=5e-2, save_strategy="steps", save_steps=2, eval_strategy="steps",
+        eval_steps=2, load_best_model_at_end=True, metric_for_best_model="pick", greater_is_better=True,
+    )  # fmt: skip
+    trainer = PolyDPOTrainer(
+        tiny_sd_path, args, pickapic_dataset(8), eval_dataset=pickapic_dataset(4),
+        peft_config=lora() if lora_on else None, callbacks=[PickStepTwo(), Snapshot()],
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    final = trainer.model.state_dict()
+    trained = [k for k in final if "lora_" in k] if lora_on else list(final)
+    assert any(not torch.equal(snapshots[2][k], snapshots[4][k]) for k in trained)  # the two states differ
+    for k in trained:
+        torch.testing.assert_close(final[k], snapshots[2][k], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- bad input
 
 
