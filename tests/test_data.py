@@ -1,5 +1,7 @@
 """Data: both schemas, Pick-a-Pic orientation and ties, image forms, and errors that name row and column."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from vipo_trl.data import (
     paired_transform,
     resolve_columns,
 )
-from vipo_trl.testing import pickapic_dataset, png_bytes
+from vipo_trl.testing import pickapic_dataset, png_bytes, video_dataset
 
 
 def pairs(ds, **kw):
@@ -162,6 +164,35 @@ def test_oversized_image_and_mismatched_pair_are_bad_rows():
     )
     item = pairs(ds, max_image_pixels=1000)[0]
     assert item["row_index"] == 2 and item["skipped"] == [(0, "too_large"), (1, "size_mismatch")]
+
+
+def test_a_pair_of_identical_images_is_a_bad_row():
+    red = png_bytes((200, 0, 0))
+    same_pixels = Image.open(io.BytesIO(red))  # stored differently (a PIL image), the same pixels
+    nearly = np.asarray(same_pixels).copy()
+    nearly[0, 0, 0] ^= 1  # one bit off: a different image
+    ds = Dataset.from_dict(
+        {
+            "caption": ["a", "b", "c", "d"],
+            "jpg_0": [red, red, red, red],
+            "jpg_1": [red, png_bytes((0, 0, 200)), red, red],
+            "label_0": [1.0, 0.0, 1.0, 0.0],
+            "label_1": [0.0, 1.0, 0.0, 1.0],
+        }
+    )
+    data = pairs(ds)
+    assert data[0]["row_index"] == 1 and data[0]["skipped"] == [(0, "identical")]
+    with pytest.raises(PreferenceDataError, match="Row 0: chosen and rejected are the same image"):
+        pairs(ds, strict=True)[0]
+    generic = Dataset.from_dict(
+        {"prompt": ["a", "b"], "chosen": [red, red], "rejected": [same_pixels, Image.fromarray(nearly)]}
+    )
+    assert pairs(generic)[0]["skipped"] == [(0, "identical")]
+    clips = video_dataset(n=2)  # a video: frame by frame
+    first_copied = clips.map(
+        lambda row, i: {"rejected": row["chosen"] if i == 0 else row["rejected"]}, with_indices=True
+    )
+    assert pairs(first_copied)[0]["skipped"] == [(0, "identical")]
 
 
 def test_paired_transform_crops_and_flips_both_identically():

@@ -20,6 +20,7 @@ from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadRow,
     ImageTooLarge,
+    Media,
     PreferenceDataError,
     decode_media,
     media_size,
@@ -166,8 +167,20 @@ def load_pair(row: dict[str, Any], row_index: int, columns: PreferenceColumns, o
             f"Row {row_index}: chosen is {first_c.width}x{first_c.height} but rejected is "
             f"{first_r.width}x{first_r.height}; one crop cannot fit both without distorting one.",
         )
+    if _same_media(chosen, rejected):
+        # Same noise, same image: every reference-based loss sees a zero margin and gives no gradient, yet the row
+        # would fill a batch place; a preference needs two different images.
+        raise BadRow("identical", f"Row {row_index}: chosen and rejected are the same image; no preference to learn.")
     category = row[c.category] if c.category else None
     return {"row_index": row_index, "prompt": prompt, "chosen": chosen, "rejected": rejected, "category": category}
+
+
+def _same_media(first: Media, second: Media) -> bool:
+    """Pixel-identical images (or videos, frame by frame), however they were stored."""
+    firsts, seconds = (first, second) if isinstance(first, list) else ([first], [second])
+    return all(
+        a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes() for a, b in zip(firsts, seconds)
+    )
 
 
 def _with_augment_seed(item: dict[str, Any], options: DataOptions, epoch: int) -> dict[str, Any]:
