@@ -626,7 +626,9 @@ def test_validation_prompts_make_comparable_images_during_training(tmp_path, tin
     assert np.abs(first - last).mean() > 1  # the LoRA changed what the model draws for the same seed
 
 
-def test_a_datasetdict_or_missing_columns_are_refused_before_the_model_loads(tmp_path, tiny_sd_path, monkeypatch):
+def test_a_datasetdict_missing_columns_or_an_endless_stream_are_refused_before_the_model_loads(
+    tmp_path, tiny_sd_path, monkeypatch
+):
     from datasets import DatasetDict
 
     import vipo_trl.trainer.poly_dpo_trainer as trainer_module
@@ -643,6 +645,8 @@ def test_a_datasetdict_or_missing_columns_are_refused_before_the_model_loads(tmp
         PolyDPOTrainer(tiny_sd_path, config(tmp_path), data.remove_columns("label_1"))
     with pytest.raises(PreferenceDataError, match=r"eval_dataset\['held_out'\]: .*lacks column\(s\) \['caption'\]"):
         PolyDPOTrainer(tiny_sd_path, config(tmp_path), data, eval_dataset={"held_out": data.remove_columns("caption")})
+    with pytest.raises(ValueError, match=r"train_dataset is a stream .* set max_steps"):
+        PolyDPOTrainer(tiny_sd_path, config(tmp_path, max_steps=-1), data.to_iterable_dataset())
     # A DatasetDict as eval_dataset is several named evaluation sets, as in transformers' Trainer: accepted.
     monkeypatch.undo()
     trainer = PolyDPOTrainer(tiny_sd_path, config(tmp_path), data, eval_dataset=DatasetDict(a=data, b=data))

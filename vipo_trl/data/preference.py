@@ -178,9 +178,7 @@ def load_pair(row: dict[str, Any], row_index: int, columns: PreferenceColumns, o
 def _same_media(first: Media, second: Media) -> bool:
     """Pixel-identical images (or videos, frame by frame), however they were stored."""
     firsts, seconds = (first, second) if isinstance(first, list) else ([first], [second])
-    return all(
-        a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes() for a, b in zip(firsts, seconds)
-    )
+    return all(a.size == b.size and a.mode == b.mode and a.tobytes() == b.tobytes() for a, b in zip(firsts, seconds))
 
 
 def _with_augment_seed(item: dict[str, Any], options: DataOptions, epoch: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Sized
 from typing import Any
 
 import torch
@@ -53,9 +54,14 @@ CONFIG_NAME = "poly_dpo_config.json"
 CATEGORY_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
 
 
-def _check_columns_before_loading(train_dataset: Any, eval_dataset: Any, args: PolyDPOConfig) -> None:
-    """What the datasets' column names alone can tell, raised before a model of many GB is loaded: a `DatasetDict`
-    passed whole as the training set, and columns the schema needs but the data lacks."""
+def _check_data_before_loading(train_dataset: Any, eval_dataset: Any, args: PolyDPOConfig) -> None:
+    """What the datasets alone can tell, raised before a model of many GB is loaded: a `DatasetDict` passed whole as
+    the training set, columns the schema needs but the data lacks, and a stream with no `max_steps`."""
+    if train_dataset is not None and args.max_steps <= 0 and not isinstance(train_dataset, (Sized, str, os.PathLike)):
+        raise ValueError(
+            "train_dataset is a stream (it has no length), so num_train_epochs cannot say when to stop: set "
+            "max_steps (PolyDPOConfig.max_steps, --max_steps)."
+        )
     named = [("train_dataset", train_dataset)]
     if isinstance(eval_dataset, dict):  # several named evaluation sets (a DatasetDict too), as in `Trainer`
         named += [(f"eval_dataset[{key!r}]", value) for key, value in eval_dataset.items()]
@@ -137,7 +143,7 @@ class PolyDPOTrainer(Trainer):
 
         datasets = [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])]
         datasets = [d for d in datasets if d is not None]
-        _check_columns_before_loading(train_dataset, eval_dataset, args)
+        _check_data_before_loading(train_dataset, eval_dataset, args)
         from_cache = bool(datasets) and all(is_latent_cache(d) or isinstance(d, LatentCacheDataset) for d in datasets)
         if quantization_config is not None and peft_config is None:
             raise ValueError(
