@@ -395,6 +395,26 @@ def test_resumed_full_finetune_matches(tmp_path, tiny_sd_path):
         torch.testing.assert_close(resumed[k], full[k])
 
 
+def test_gradient_accumulation_equals_one_batch_of_the_same_pairs(tmp_path, tiny_sd_path):
+    def run(batch_size, accumulation):
+        args = config(
+            tmp_path, output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-2, poly_alpha=2.0,
+            optim="sgd", max_grad_norm=0.0,  # an update proportional to the gradient: no clipping, no Adam scaling
+        )  # fmt: skip
+        trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(8), peft_config=lora())
+        trainer.train()
+        losses = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
+        return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" in k}, losses
+
+    whole, whole_losses = run(batch_size=4, accumulation=1)
+    accumulated, accumulated_losses = run(batch_size=2, accumulation=2)
+    # the same pairs, noise and mean loss per optimizer step: the same loss, gradient and update (float sums aside)
+    assert np.allclose(accumulated_losses, whole_losses, rtol=1e-4)
+    for k in whole:
+        torch.testing.assert_close(accumulated[k], whole[k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("lora_on", [True, False], ids=["lora", "full"])
 def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path, tiny_sd_path, lora_on):
     class PickStepTwo(TrainerCallback):
