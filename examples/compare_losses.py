@@ -2,7 +2,7 @@
 table and one plot of their metrics.
 
     python examples/compare_losses.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --dataset yuvalkirstain/pickapic_v2 --max_steps 500 --output compare-sd15
+        --dataset pickapic_v2/ --max_steps 500 --output compare-sd15      # your preference set (any schema)
     python examples/compare_losses.py --smoke          # tiny SD and synthetic pairs, CPU, a minute
     python examples/compare_losses.py --embedded --seeds 0 1 2    # the embedded model, rewards; CPU, ~7 min a seed
 
@@ -89,10 +89,11 @@ def _data(args: argparse.Namespace, seed: int):
         )
         split = pairs.train_test_split(test_size=0.1, seed=seed)
         return str(MODEL_DIR), split["train"], split["test"]
-    from datasets import load_dataset
+    from vipo_trl.data import load_preference_dataset
 
     _fill(args, **RUN_SIZE)
-    split = load_dataset(args.dataset, split=args.split).train_test_split(test_size=args.eval_pairs, seed=seed)
+    dataset = load_preference_dataset(args.dataset, split=args.split)
+    split = dataset.train_test_split(test_size=args.eval_pairs, seed=seed)
     return args.model, split["train"], split["test"]
 
 
@@ -221,8 +222,8 @@ def write_report(results: dict, output: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
-    parser.add_argument("--dataset", default="yuvalkirstain/pickapic_v2")
-    parser.add_argument("--split", default="validation_unique")
+    parser.add_argument("--dataset", help="a preference set: hub id, file or folder, either schema")
+    parser.add_argument("--split", default="train")
     parser.add_argument("--eval_pairs", type=int, default=200)
     # Run size: unset flags take the mode's values (RUN_SIZE, or the embedded run's settings with --embedded).
     parser.add_argument("--max_steps", type=int)
@@ -246,6 +247,11 @@ def main() -> None:
         "--eval_seeds", type=int, nargs="+", default=[10_001, 10_002], help="--embedded: held-out sampling seeds"
     )
     args = parser.parse_args()
+    if not (args.dataset or args.smoke or args.embedded):
+        parser.error(
+            "--dataset: name a preference set (a hub id, a file or a folder; Pick-a-Pic v2 is no longer on the Hub, "
+            "so a copy you hold), or run --smoke or --embedded."
+        )
     if "diffusion_dpo" not in args.losses:
         parser.error("--losses: include diffusion_dpo, the reference every other loss is compared with.")
     results = compare(args)

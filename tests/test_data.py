@@ -102,6 +102,23 @@ def test_generic_schema_with_paths_pil_and_bytes(tmp_path):
         decode_image("images/missing.png")
 
 
+def test_a_withdrawn_hub_dataset_says_so_and_what_to_use_instead(monkeypatch):
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    from vipo_trl.data import load_preference_dataset
+
+    def not_on_the_hub(name, *args, **kwargs):  # what the Hub answers for it today (no network here)
+        raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_on_the_hub)
+    with pytest.raises(FileNotFoundError, match=r"pickapic_v2: Pick-a-Pic has not been on the Hub since April 2025.*"
+                       r"local copy.*vipo-trl pairs.*DatasetNotFoundError"):  # fmt: skip
+        load_preference_dataset("yuvalkirstain/pickapic_v2")
+    with pytest.raises(DatasetNotFoundError):  # any other missing dataset: the Hub's own error
+        load_preference_dataset("someone/elses_set")
+
+
 def test_relative_image_paths_in_a_data_file_are_read_from_its_folder(tmp_path, monkeypatch):
     import json
 

@@ -10,6 +10,11 @@ from .cache import is_latent_cache
 from .images import PreferenceDataError
 
 DATA_FILE_BUILDERS = {"parquet": "parquet", "json": "json", "jsonl": "json", "csv": "csv", "arrow": "arrow"}
+#: Hub datasets that papers and older guides train on but that are no longer on the Hub: a failed load says so.
+WITHDRAWN_DATASETS = {
+    name: "Pick-a-Pic has not been on the Hub since April 2025 (github.com/yuvalkirstain/PickScore/issues/36)"
+    for name in ("yuvalkirstain/pickapic_v2", "yuvalkirstain/pickapic_v1")
+}
 MEDIA_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mp4", ".webm", ".mov", ".mkv")
 
 
@@ -37,7 +42,16 @@ def load_preference_dataset(name: str, config: str | None = None, split: str = "
         builder = DATA_FILE_BUILDERS[extension]
         dataset = load_dataset(builder, data_files={split: name}, split=split, streaming=streaming)
         return resolve_relative_media_paths(dataset, os.path.dirname(os.path.abspath(name)))
-    dataset = load_dataset(name, config, split=split, streaming=streaming)
+    try:
+        dataset = load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as exc:
+        if name in WITHDRAWN_DATASETS and not os.path.exists(name):
+            raise FileNotFoundError(
+                f"{name}: {WITHDRAWN_DATASETS[name]}. Name a local copy in its schema instead (a folder of its "
+                "parquet files, or a save_to_disk folder), any prompt/chosen/rejected set, or make a set with "
+                f"`vipo-trl pairs` (docs/pairs.md). ({type(exc).__name__}: {(str(exc).strip() or '-').splitlines()[0]})"
+            ) from exc
+        raise
     if os.path.isdir(name):
         dataset = resolve_relative_media_paths(dataset, os.path.abspath(name))
     return dataset
