@@ -427,6 +427,28 @@ def test_diagnose_recovers_a_known_flip_rate_and_tells_easy_from_clean(tmp_path)
     assert sum(consistencies) / 2 == pytest.approx(by_category.consistency)
 
 
+def test_diagnose_skips_and_counts_the_rows_training_would_skip():
+    from datasets import concatenate_datasets
+
+    good = rendered_pairs(12)
+    first = good[0]
+    bad = Dataset.from_dict(
+        {
+            "prompt": [first["prompt"]] * 3,
+            "chosen": [first["chosen"], b"not an image", first["chosen"]],
+            "rejected": [first["chosen"], first["rejected"], first["chosen"]],  # identical, undecodable, identical
+            "category": ["x"] * 3,
+        },
+        features=good.features,
+    )
+    data = concatenate_datasets([good, bad])
+    for dataset in (data, data.to_iterable_dataset()):
+        report = diagnose(dataset, ["shapes"])
+        assert report.pairs == 12 and report.consistency == 1.0  # identical pairs would have been scored as ties
+        assert report.skipped_rows == {"identical": 2, "undecodable": 1}
+        assert "rows skipped as training would skip them: 2 identical, 1 undecodable" in str(report)
+
+
 def test_summarize_and_suggest_alpha_by_hand():
     scores = {
         "a": {"chosen": torch.tensor([2.0, 1.0, 3.0, 1.0]), "rejected": torch.tensor([1.0, 2.0, 3.0, 0.0])},

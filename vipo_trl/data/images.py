@@ -31,7 +31,7 @@ class BadRow(PreferenceDataError):
         self.reason = reason
 
 
-BAD_ROW_REASONS = ("bad_label", "empty_prompt", "undecodable", "too_large", "size_mismatch")
+BAD_ROW_REASONS = ("bad_label", "empty_prompt", "undecodable", "too_large", "size_mismatch", "identical")
 
 
 def encode_png(image: Image.Image) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ class Diagnosis:
     suggested_alpha: float
     reason: str
     categories: dict[str, dict[str, float]] = field(default_factory=dict)
-    skipped_rows: int = 0  # rows that could not be decoded
+    skipped_rows: dict[str, int] = field(default_factory=dict)  # rows passed over, by reason, as the trainer would
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -78,7 +79,8 @@ class Diagnosis:
         return out
 
     def __str__(self) -> str:
-        skipped = f" ({self.skipped_rows} undecodable rows skipped)" if self.skipped_rows else ""
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_rows.items()))
+        skipped = f" (rows skipped as training would skip them: {counts})" if self.skipped_rows else ""
         lines = [f"{self.pairs} pairs scored by {len(self.scorers)} scorer(s){skipped}"]
         for name, a in self.scorers.items():
             lines.append(
@@ -228,18 +230,19 @@ def diagnose(
     """Diagnose a preference set (any schema the trainer reads, resolved with `options`, a
     `vipo_trl.data.DataOptions`; `PolyDPOConfig.data_options()` gives the trainer's).
 
-    Rows the trainer would skip (ties, undecodable images) are skipped here too. Writes `diagnosis.json`,
-    `diagnosis.txt` and `diagnosis.png` to `output_dir` when given.
+    Rows the trainer would skip (ties, undecodable or identical images, ...) are skipped here too; those found while
+    decoding are counted by reason in `skipped_rows`. Writes `diagnosis.json`, `diagnosis.txt` and `diagnosis.png`
+    to `output_dir` when given.
     """
     from ..data import DataOptions, pairs_from_options
 
     scorers = resolve_scorers(scorers, **({"device": device} if device else {}))
     pairs = pairs_from_options(dataset, options or DataOptions(), 1)
     chosen, rejected, prompts, categories = [], [], [], []
-    skipped = 0
+    skipped: Counter[str] = Counter()
     for item in _decoded_pairs(pairs):
-        if item is None:
-            skipped += 1
+        if isinstance(item, str):
+            skipped[item] += 1
             continue
         chosen.append(_first_frame(item["chosen"]))
         rejected.append(_first_frame(item["rejected"]))
@@ -255,6 +258,7 @@ def diagnose(
         categories if has_categories else None,
         easy_relevance,
     )
+    report.skipped_rows = dict(skipped)
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -288,8 +292,8 @@ def plot_diagnosis(report: Diagnosis, path: Path) -> None:
     plt.close(fig)
 
 
-def _decoded_pairs(pairs: Any) -> Iterator[dict[str, Any] | None]:
-    """Each usable pair once, decoded (None for a row that cannot be decoded); no substitution of bad rows."""
+def _decoded_pairs(pairs: Any) -> Iterator[dict[str, Any] | str]:
+    """Each pair once, decoded, or the reason a bad row is skipped; no substitution of bad rows."""
     from ..data.images import BadRow
     from ..data.preference import PreferencePairs, load_pair
 
@@ -297,10 +301,13 @@ def _decoded_pairs(pairs: Any) -> Iterator[dict[str, Any] | None]:
         for row_index in pairs.rows:
             try:
                 yield load_pair(pairs.dataset[row_index], row_index, pairs.columns, pairs.options)
-            except BadRow:
-                yield None
-    else:  # a stream skips bad rows itself
-        yield from pairs
+            except BadRow as bad:
+                yield bad.reason
+    else:  # a stream skips bad rows itself and reports them with the next pair
+        for item in pairs:
+            yield from (reason for _, reason in item.get("skipped", []))
+            yield item
+        yield from (reason for _, reason in pairs.trailing_skipped)  # bad rows after the last good one
 
 
 def _first_frame(media: Any) -> Any:
