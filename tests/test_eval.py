@@ -574,6 +574,36 @@ def test_eval_command_on_the_embedded_model(tmp_path, shapes_lora, capsys):
     assert "Did you mean 'pickscore'" in capsys.readouterr().err
 
 
+def test_eval_and_pairs_take_a_full_fine_tunes_output_as_the_aligned_model(tmp_path, capsys, monkeypatch):
+    from vipo_trl.cli import main
+    from vipo_trl.default import load_default_pipeline
+
+    unet = load_default_pipeline().unet
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # a fine-tune that visibly changes the output
+    unet.save_pretrained(tmp_path / "full")  # what `vipo-trl train` without --use_peft saves
+    out = tmp_path / "eval"
+    main(["eval", "--lora", str(tmp_path / "full"), "--num_prompts", "2", "--seeds", "0", "--num_inference_steps",
+          "3", "--output_dir", str(out), "--device", "cpu"])  # fmt: skip
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["aligned_scores"]["shapes"]) == 2
+    assert_rows_differ(Image.open(out / "grid.png"), 256)  # the fine-tuned UNet replaced the base's
+    main(["pairs", "--lora", str(tmp_path / "full"), "--num_prompts", "2", "--samples_per_prompt", "2",
+          "--num_inference_steps", "3", "--output_dir", str(tmp_path / "pairs"), "--device", "cpu"])  # fmt: skip
+    capsys.readouterr()
+
+    (tmp_path / "empty").mkdir()
+    load_default_pipeline().vae.save_pretrained(tmp_path / "vae")  # a denoiser-shaped folder of another class
+    monkeypatch.setattr("vipo_trl.eval.evaluate.generate_images", None)  # refused before generating anything
+    for folder, message in (("empty", "holds neither a LoRA"), ("vae", "holds class AutoencoderKL, but the unet")):
+        with pytest.raises(SystemExit):
+            main(["eval", "--lora", str(tmp_path / folder), "--num_prompts", "1", "--output_dir", str(tmp_path / "e")])
+        err = capsys.readouterr().err
+        assert f"{tmp_path / folder}: {message}" in err and "Traceback" not in err, err
+
+
 def test_a_scorer_whose_weights_cannot_be_read_is_one_line_naming_them(tmp_path, capsys, monkeypatch):
     from vipo_trl.cli import main
     from vipo_trl.eval import get_scorer

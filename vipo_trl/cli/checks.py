@@ -79,6 +79,16 @@ def check_ref_model(name: str) -> None:
         raise CliError(str(exc).replace("--model_name_or_path", "--ref_model", 1)) from None
 
 
+def check_aligned(name: str) -> None:
+    """`--lora` of `eval` and `pairs`: a training run's output (a LoRA, or a full fine-tune's denoiser folder)."""
+    from ..models.generation import check_aligned_weights
+
+    try:
+        check_aligned_weights(os.path.expanduser(name))
+    except ValueError as exc:
+        raise CliError(f"--lora {exc}") from None
+
+
 def check_dataset_name(name: str) -> None:
     """A local dataset must exist and hold something."""
     if not looks_local(name):

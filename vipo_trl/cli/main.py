@@ -154,6 +154,10 @@ def evaluate(argv: list[str]) -> None:
 
     parser = parser_for("eval")
     (args,) = parser.parse(argv)
+    if args.lora:
+        from . import checks
+
+        checks.check_aligned(args.lora)
     embedded = args.model_name_or_path is None
     if embedded:  # sampled as `vipo-trl train` reports its rewards: DDIM, its steps, guidance, batch and seeds
         from ..default import ALL_SCENES, EVAL_SEEDS, load_default_pipeline
@@ -228,6 +232,8 @@ def pairs(argv: list[str]) -> None:
     (args,) = parser.parse(argv)
     if args.push_to_hub and not args.hub_dataset_id:
         raise CliError("--push_to_hub needs --hub_dataset_id (e.g. you/my-pairs).")
+    if args.lora:
+        checks.check_aligned(args.lora)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device is None:  # accelerate launch: this rank's device
         from accelerate import PartialState
@@ -241,11 +247,13 @@ def pairs(argv: list[str]) -> None:
         pipe = use_ddim(load_default_pipeline(args.lora))
         if "batch_size" not in parser.given:
             args.batch_size = SAMPLING_BATCH  # the tiny model samples fastest in large batches
-        pipes, names = {"vipo-trl embedded model" + (" + LoRA" if args.lora else ""): pipe}, ["embedded"]
+        pipes, names = {"vipo-trl embedded model" + (f" + {args.lora}" if args.lora else ""): pipe}, ["embedded"]
         prompts = args.prompts or [(scene.prompt, scene.shape) for scene in ALL_SCENES]
         scorers, steps, guidance = args.scorers or ["shapes"], SAMPLING_STEPS, SAMPLING_GUIDANCE
     else:
         from diffusers import DiffusionPipeline
+
+        from ..models.generation import load_aligned_weights
 
         checks.check_model(args.model_name_or_path[0])
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -253,7 +261,7 @@ def pairs(argv: list[str]) -> None:
         for k, name in enumerate(names):
             pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype)
             if k == 0 and args.lora:
-                pipe.load_lora_weights(args.lora)
+                load_aligned_weights(pipe, args.lora)
                 name = f"{name} + {args.lora}"
             pipes[name] = pipe
         prompts = args.prompts or "builtin"

@@ -45,7 +45,13 @@ class EvalArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub id or folder of the base pipeline (default: the embedded shapes model)."}
     )
-    lora: str | None = field(default=None, metadata={"help": "LoRA folder or hub id to compare with the base."})
+    lora: str | None = field(
+        default=None,
+        metadata={
+            "help": "A training run's output to compare with the base: a LoRA folder or hub id, or the folder of a "
+            "full fine-tune (its denoiser replaces the base's)."
+        },
+    )
     prompts: str | None = field(
         default=None,
         metadata={
@@ -89,7 +95,11 @@ class PairsArguments:
         },
     )
     lora: str | None = field(
-        default=None, metadata={"help": "A LoRA loaded into the first model (pairs from an aligned model: a round)."}
+        default=None,
+        metadata={
+            "help": "A training run's output loaded into the first model, a LoRA or a full fine-tune's folder (pairs "
+            "from an aligned model: a round)."
+        },
     )
     prompts: str | None = field(
         default=None,

@@ -54,13 +54,14 @@ __all__ = [
 
 
 def load_default_pipeline(lora: str | None = None, model_dir: str | Path = MODEL_DIR) -> Any:
-    """The shipped model (or a rebuilt one in `model_dir`) as a `StableDiffusionPipeline`, optionally with a LoRA."""
+    """The shipped model (or a rebuilt one in `model_dir`) as a `StableDiffusionPipeline`, optionally with a training
+    run's output (`lora`: a LoRA, or a full fine-tune's UNet folder)."""
     from diffusers import StableDiffusionPipeline
 
+    from ..models.generation import load_aligned_weights
+
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
-    if lora:
-        pipe.load_lora_weights(lora)
-    return pipe
+    return load_aligned_weights(pipe, lora) if lora else pipe
 
 
 def evaluate_reward(

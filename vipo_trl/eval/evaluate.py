@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from ..data.prompts import load_prompt_set
-from ..models.generation import generate_images, labelled_grid
+from ..models.generation import check_aligned_weights, generate_images, labelled_grid, load_aligned_weights
 from ..utils import pyplot_or_none
 from .scorers import RewardScorer, get_scorer
 from .stats import WinRate, win_rate
@@ -128,7 +128,8 @@ def evaluate_alignment(
 
     Args:
         model: a diffusers pipeline, or its hub id / folder.
-        lora: a LoRA folder or hub id for `pipe.load_lora_weights`; `None` scores the base only.
+        lora: the training run's output to compare with the base: a LoRA folder or hub id, or the folder of a full
+            fine-tune's denoiser, which replaces the pipeline's (`load_aligned_weights`); `None` scores the base only.
         scorers: names from `available_scorers()` or scorer objects.
         torch_dtype: the pipeline's dtype when loading it; default bfloat16 on a GPU, float32 on a CPU.
         pipeline_kwargs: extra arguments of every pipeline call (e.g. `height`, `width`, `num_frames`).
@@ -141,6 +142,8 @@ def evaluate_alignment(
         pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
     else:
         pipe = model
+    if lora:
+        check_aligned_weights(lora, pipe)  # weights that do not fit are refused before anything is generated
     pipe.to(device)
     scorers = resolve_scorers(scorers, device=device)
     all_prompts = [p for p in prompts for _ in seeds]
@@ -157,7 +160,7 @@ def evaluate_alignment(
     result = EvalResult(all_prompts, all_seeds, score_all(scorers, base_images, all_prompts))
     aligned_images = None
     if lora:
-        pipe.load_lora_weights(lora)
+        load_aligned_weights(pipe, lora)
         aligned_images = generate_images(pipe, all_prompts, all_seeds, **generate)
         result.aligned_scores = score_all(scorers, aligned_images, all_prompts)
         result.win_rates = {

@@ -21,6 +21,8 @@ from .options import DiffusionOptions
 
 logger = logging.get_logger(__name__)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: The weights file of a denoiser saved whole with `save_pretrained` (a full fine-tune).
+DENOISER_WEIGHT_NAME = "diffusion_pytorch_model.safetensors"
 
 
 class DiffusionFamily(ABC):

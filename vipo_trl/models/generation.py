@@ -1,8 +1,11 @@
 """Sampling from a pipeline with one seeded generator per image: the one generation helper behind evaluation, the
-embedded default's synthetic sets and the training callback."""
+embedded default's synthetic sets and the training callback; and loading a training run's output (a LoRA or a full
+fine-tune's denoiser) into a pipeline to sample from it."""
 
 from __future__ import annotations
 
+import json
+import os
 import textwrap
 from collections.abc import Sequence
 from typing import Any
@@ -77,3 +80,53 @@ def labelled_grid(rows: dict[str, list[Image.Image]], captions: Sequence[str] = 
             resample = Image.NEAREST if image.width < cell else Image.BICUBIC
             grid.paste(image.convert("RGB").resize((cell, cell), resample), (LABEL_WIDTH + x * cell, top))
     return grid
+
+
+def check_aligned_weights(weights: str, pipe: Any = None) -> str:
+    """What a training run's output `weights` holds: `"lora"` (a LoRA folder, or a hub id, which only loading can
+    check) or `"denoiser"` (the folder of a full fine-tune's denoiser; with `pipe`, of the class of `pipe`'s). Raises
+    a `ValueError` naming what was looked for when it holds neither or the wrong class, before anything is
+    generated."""
+    from .base import DENOISER_WEIGHT_NAME, LORA_WEIGHT_NAME
+
+    if not os.path.isdir(weights):
+        if os.path.exists(weights) or weights.startswith((".", "/", "~")):
+            raise ValueError(f"{weights}: not a folder; name a training run's output folder or a hub id.")
+        return "lora"
+    names = set(os.listdir(weights))
+    if LORA_WEIGHT_NAME in names:
+        return "lora"
+    if not ("config.json" in names and names & {DENOISER_WEIGHT_NAME, DENOISER_WEIGHT_NAME + ".index.json"}):
+        raise ValueError(
+            f"{weights}: holds neither a LoRA ({LORA_WEIGHT_NAME}) nor a fine-tuned denoiser (config.json and "
+            f"{DENOISER_WEIGHT_NAME}), which `vipo-trl train` saves with and without --use_peft."
+        )
+    if pipe is not None:
+        name, base = _denoiser_of(pipe)
+        with open(os.path.join(weights, "config.json")) as f:
+            saved_class = json.load(f).get("_class_name")
+        if saved_class != type(base).__name__:
+            raise ValueError(
+                f"{weights}: holds class {saved_class}, but the {name} of this {type(pipe).__name__} is class "
+                f"{type(base).__name__}; compare a fine-tune with the base model it was trained from."
+            )
+    return "denoiser"
+
+
+def load_aligned_weights(pipe: Any, weights: str) -> Any:
+    """Put a training run's output into `pipe` and return it: a LoRA with `pipe.load_lora_weights`, or a full
+    fine-tune's denoiser in place of the pipeline's own (same class, dtype and device)."""
+    if check_aligned_weights(weights, pipe) == "lora":
+        pipe.load_lora_weights(weights)
+        return pipe
+    name, base = _denoiser_of(pipe)
+    tuned = type(base).from_pretrained(weights, torch_dtype=base.dtype, use_safetensors=True).to(base.device)
+    pipe.register_modules(**{name: tuned})
+    return pipe
+
+
+def _denoiser_of(pipe: Any) -> tuple[str, Any]:
+    from .registry import family_for_pipeline
+
+    name = family_for_pipeline(type(pipe).__name__).denoiser_name
+    return name, getattr(pipe, name)

@@ -40,7 +40,7 @@ from ..data import (
 from ..data.sampling import BucketSampler
 from ..losses import DenoisingErrors, get_loss, implicit_rewards
 from ..models import DiffusionFamily, family_from_pipeline, load_family
-from ..models.base import LORA_WEIGHT_NAME, randn_like_rows, save_gathered_weights
+from ..models.base import DENOISER_WEIGHT_NAME, LORA_WEIGHT_NAME, randn_like_rows, save_gathered_weights
 from ..utils import stable_seed
 from .cache_builder import cache_settings
 from .model_card import build_model_card
@@ -49,7 +49,6 @@ from .validation import ValidationImagesCallback
 
 logger = logging.get_logger(__name__)
 
-FULL_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "poly_dpo_config.json"
 CATEGORY_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
 
@@ -642,7 +641,7 @@ class PolyDPOTrainer(Trainer):
         if self.is_lora:
             self.family.load_lora(resume_from_checkpoint, denoiser)
             return
-        path = os.path.join(resume_from_checkpoint, FULL_WEIGHTS_NAME)
+        path = os.path.join(resume_from_checkpoint, DENOISER_WEIGHT_NAME)
         index_path = path + ".index.json"
         if os.path.isfile(path):
             state = load_file(path)
@@ -653,7 +652,7 @@ class PolyDPOTrainer(Trainer):
             for shard in shards:
                 state.update(load_file(os.path.join(resume_from_checkpoint, shard)))
         else:
-            raise ValueError(f"No {FULL_WEIGHTS_NAME} (or its shard index) in checkpoint {resume_from_checkpoint}.")
+            raise ValueError(f"No {DENOISER_WEIGHT_NAME} (or its shard index) in checkpoint {resume_from_checkpoint}.")
         denoiser.load_state_dict(state)
 
     def _load_best_model(self) -> None:
