@@ -115,14 +115,15 @@ def fsdp_launch(port: int) -> list[str]:
 # The runs several tests compare against are made once per module: 1 process at batch 2 (full fine-tuning, LoRA),
 # and 2 processes at batch 1 each under FSDP and ZeRO-3 (full fine-tuning, checkpoints at steps 2 and 3), which the
 # equality tests compare with 1 process and the resume tests resume from a copy of.
+# The full runs also make validation images at steps 0, 2 and 3 (every rank joins the generation when sharded).
 ONE_PROCESS = ["--steps", "3", "--save_steps", "100", "--batch", "2"]
-TWO_PROCESSES_FULL = ["--full", "--batch", "1", "--steps", "3", "--save_steps", "2"]
+TWO_PROCESSES_FULL = ["--full", "--batch", "1", "--steps", "3", "--save_steps", "2", "--validation_steps", "2"]
 
 
 @pytest.fixture(scope="module")
 def one_process_full(tmp_path_factory, tiny_sd_path) -> Path:
     out = tmp_path_factory.mktemp("one-full")
-    run("--model", tiny_sd_path, "--full", *ONE_PROCESS, "--out", out)
+    run("--model", tiny_sd_path, "--full", *ONE_PROCESS, "--validation_steps", "2", "--out", out)
     return out
 
 
@@ -270,6 +271,25 @@ def test_zero3_lora_is_saved_without_gathering_the_whole_network(tmp_path, tiny_
     config.write_text(yaml.replace("zero3_save_16bit_model: true", "zero3_save_16bit_model: false"))
     facts = assert_lora_equals_one_process(zero3_launch(29584, config), tmp_path, tiny_sd_path, one_process_lora)
     assert facts["deepspeed"] and facts["reference"] is None  # LoRA: the reference is the adapters disabled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharded", ["fsdp_full", "zero3_full"])
+def test_validation_images_of_a_sharded_run_are_those_of_one_process(sharded, one_process_full, request):
+    """validation_prompts under FSDP and ZeRO-3: every rank joins the generation (each forward gathers weights from
+    all ranks; rank 0 generating alone broke the collectives), rank 0 saves the images, and they are the images of
+    one process with the same weights (up to the float rounding the weights differ by after training)."""
+    import numpy as np
+    from PIL import Image
+
+    two = request.getfixturevalue(sharded)
+    for step in (0, 2, 3):
+        sharded_image, single_image = (
+            np.asarray(Image.open(run / "validation" / f"step-{step}.png"), dtype=np.int16)
+            for run in (two, one_process_full)
+        )
+        assert sharded_image.shape == single_image.shape == (16, 32, 3)
+        assert np.abs(sharded_image - single_image).mean() < 2, step
 
 
 @pytest.mark.slow

@@ -97,6 +97,7 @@ def main() -> None:
         help="launched under DeepSpeed (on CPU processes too: gloo)",
     )
     parser.add_argument("--gpu", action="store_true", help="run on the GPUs (the tests run on CPU processes)")
+    parser.add_argument("--validation_steps", type=int, default=None, help="validation images every N steps")
     args = parser.parse_args()
     if args.cpu_fsdp:
         allow_fsdp_on_cpu()
@@ -119,6 +120,8 @@ def main() -> None:
         center_crop=False,
         random_flip=True,
         seed=0,
+        validation_prompts=["a red square", "a blue square"] if args.validation_steps else None,
+        validation_steps=args.validation_steps or 100,
     )
     lora = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian")
     trainer = PolyDPOTrainer(args.model, config, pickapic_dataset(12), peft_config=None if args.full else lora)

@@ -16,7 +16,8 @@ class ValidationImagesCallback(TrainerCallback):
     """At the start of training and every `validation_steps` optimizer steps (and at the end), generate one image per
     validation prompt with the model being trained (same seed every time, so the images are comparable), save them as
     `<output_dir>/validation/step-<N>.png` and log them to TensorBoard and Weights & Biases when those are in
-    `report_to`. Only the main process generates."""
+    `report_to`. Only the main process generates, saves and logs; when the model is sharded (FSDP, DeepSpeed) every
+    process generates the same images, since each forward gathers weights from all of them."""
 
     def __init__(self, trainer: Any, prompts: list[str], every: int, seed: int = 0, steps: int = 20):
         pipe = trainer.family.pipeline
@@ -29,7 +30,8 @@ class ValidationImagesCallback(TrainerCallback):
         self.saved: list[str] = []
 
     def _validate(self, args: Any, state: Any) -> None:
-        if not state.is_world_process_zero:
+        sharded = self.trainer.is_fsdp_enabled or self.trainer.is_deepspeed_enabled
+        if not (state.is_world_process_zero or sharded):
             return
         denoiser = self.trainer.family.denoiser
         was_training = denoiser.training
@@ -43,6 +45,8 @@ class ValidationImagesCallback(TrainerCallback):
             )
         finally:
             denoiser.train(was_training)
+        if not state.is_world_process_zero:
+            return
         folder = os.path.join(args.output_dir, "validation")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step-{state.global_step}.png")
