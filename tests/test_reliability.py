@@ -151,13 +151,15 @@ def zero3_full(tmp_path_factory, tiny_sd_path) -> Path:
 
 def assert_full_fine_tuning_equals_one_process(two: Path, one: Path) -> dict:
     """A 2-process full fine-tuning run at batch 1 each against 1 process at batch 2 (same rows, same noise per row,
-    gradients reduced over 2 ranks): the same losses and weights up to float summation order (measured: losses at
-    most 8e-5 relative apart); the checkpoint holds the whole model, gathered from both ranks, loadable by diffusers.
-    Returns the 2-process run's facts."""
+    gradients reduced over 2 ranks): the same losses and weights up to float summation order, which beta amplifies in
+    the loss and Adam at a learning rate of 1e-2 compounds (measured 2026-12-02, FSDP, ZeRO-2 and ZeRO-3 alike: 8e-5
+    relative apart at step 1, 1e-4 at step 2, 3.2e-4 at step 3; a different row or noise on one rank is percents
+    apart at step 1); the checkpoint holds the whole model, gathered from both ranks, loadable by diffusers. Returns
+    the 2-process run's facts."""
     from diffusers import UNet2DConditionModel
 
     for step, value in losses(one).items():
-        assert losses(two)[step] == pytest.approx(value, rel=2e-4)
+        assert losses(two)[step] == pytest.approx(value, rel=2e-4 if step == 1 else 1e-3), step
     single, sharded = final_state(one), final_state(two)
     assert single.keys() == sharded.keys()
     for key in single:
