@@ -377,6 +377,32 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_sd_path):
     assert resumed_losses[3] == pytest.approx(full_losses[3]) and resumed_losses[4] == pytest.approx(full_losses[4])
 
 
+def test_training_a_finished_run_longer_follows_the_new_schedule_from_its_first_step(tmp_path, tiny_sd_path):
+    """Resuming a finished 4-step run (linear decay, which ends at lr 0) with max_steps=6: step 5 trains at the
+    6-step plan's rate, not at the 0 the old plan ended with (transformers restores the optimizer's last rate)."""
+    from safetensors.torch import load_file
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            snapshots[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def run(max_steps, resume=None):
+        args = config(tmp_path, max_steps=max_steps, lr_scheduler_type="linear", save_strategy="steps", save_steps=2)
+        trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(6), peft_config=lora(), callbacks=[Snapshot()])
+        trainer.train(resume_from_checkpoint=resume)
+        return {h["step"]: h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h}
+
+    snapshots = {}
+    assert run(4) == pytest.approx({1: 1e-3, 2: 7.5e-4, 3: 5e-4, 4: 2.5e-4})
+    extended = run(6, resume=str(tmp_path / "out" / "checkpoint-4"))
+    assert extended[5] == pytest.approx(1e-3 * 2 / 6) and extended[6] == pytest.approx(1e-3 / 6)
+    saved = load_file(tmp_path / "out" / "checkpoint-4" / "pytorch_lora_weights.safetensors")
+    lora_keys = [k for k in snapshots[5] if "lora_" in k]
+    assert len(saved) == len(lora_keys) > 0
+    # step 5 moved the LoRA (at lr 0 Adam would leave every weight where checkpoint-4 has it)
+    assert any(not torch.equal(snapshots[5][k], snapshots[4][k]) for k in lora_keys)
+
+
 @pytest.mark.slow
 def test_resumed_full_finetune_matches(tmp_path, tiny_sd_path):
     recorder = StepRecorder()

@@ -655,6 +655,37 @@ class PolyDPOTrainer(Trainer):
             raise ValueError(f"No {DENOISER_WEIGHT_NAME} (or its shard index) in checkpoint {resume_from_checkpoint}.")
         denoiser.load_state_dict(state)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._replan_learning_rate(checkpoint)
+
+    def _replan_learning_rate(self, checkpoint: str) -> None:
+        """Resuming with another `max_steps` than the checkpoint was planned for (training a finished run longer):
+        the scheduler is rebuilt for the new length, but the optimizer's learning rate comes back as the old plan left
+        it (0 at the end of a linear decay), so the first resumed step would train at it. Set it from the new plan."""
+        try:
+            with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+                planned = json.load(f).get("max_steps")
+        except (OSError, ValueError):
+            return
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate wraps it
+        same_plan = not planned or planned == self.state.max_steps
+        if same_plan or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return  # the same plan (an interrupted run): the restored rate is right, and the resume exact
+        old = [group["lr"] for group in scheduler.optimizer.param_groups]
+        new = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, new):
+            group["lr"] = lr
+        scheduler._last_lr = list(new)
+        logger.warning(
+            "Resuming %s, planned for %d steps, with max_steps=%d: the %s learning-rate schedule continues as a "
+            "%d-step run's, at %.4g from step %d (the old plan had reached %.4g).",
+            checkpoint, planned, self.state.max_steps, getattr(self.args.lr_scheduler_type, "value", "this"),
+            self.state.max_steps, new[0],
+            scheduler.last_epoch + 1, old[0],
+        )  # fmt: skip
+
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
