@@ -678,13 +678,12 @@ class PolyDPOTrainer(Trainer):
         for group, lr in zip(scheduler.optimizer.param_groups, new):
             group["lr"] = lr
         scheduler._last_lr = list(new)
+        steps, schedule = self.state.max_steps, getattr(self.args.lr_scheduler_type, "value", "this")
         logger.warning(
             "Resuming %s, planned for %d steps, with max_steps=%d: the %s learning-rate schedule continues as a "
             "%d-step run's, at %.4g from step %d (the old plan had reached %.4g).",
-            checkpoint, planned, self.state.max_steps, getattr(self.args.lr_scheduler_type, "value", "this"),
-            self.state.max_steps, new[0],
-            scheduler.last_epoch + 1, old[0],
-        )  # fmt: skip
+            *(checkpoint, planned, steps, schedule, steps, new[0], scheduler.last_epoch + 1, old[0]),
+        )
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

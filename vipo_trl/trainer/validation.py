@@ -16,8 +16,8 @@ class ValidationImagesCallback(TrainerCallback):
     """At the start of training and every `validation_steps` optimizer steps (and at the end), generate one image per
     validation prompt with the model being trained (same seed every time, so the images are comparable), save them as
     `<output_dir>/validation/step-<N>.png` and log them to TensorBoard and Weights & Biases when those are in
-    `report_to`. Only the main process generates, saves and logs; when the model is sharded (FSDP, DeepSpeed) every
-    process generates the same images, since each forward gathers weights from all of them."""
+    `report_to`. Only the main process saves and logs. It alone generates, except when the model is sharded (FSDP,
+    DeepSpeed): each forward then gathers weights from every process, so every process generates the same images."""
 
     def __init__(self, trainer: Any, prompts: list[str], every: int, seed: int = 0, steps: int = 20):
         pipe = trainer.family.pipeline
