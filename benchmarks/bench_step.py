@@ -46,6 +46,7 @@ MODES = {
 #: Optional modes (`--extra`): not part of the targets.
 EXTRA_MODES = {
     "lora_cache_compile": "PolyDPOTrainer, LoRA + latent cache + torch.compile (TrainingArguments.torch_compile)",
+    "full_compile": "PolyDPOTrainer, full fine-tune + torch.compile (the policy, and the reference copy)",
     "lora_workers": "PolyDPOTrainer, LoRA, images decoded by 2 DataLoader workers (dataloader_num_workers=2)",
 }
 BETA = 2000.0  # Diffusion-DPO's beta for SD 1.5

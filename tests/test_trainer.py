@@ -337,6 +337,27 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(tmp_path, tiny_sd_
     assert saved["beta"] is None and saved["beta_resolved"] == 2000.0
 
 
+@pytest.mark.parametrize("lora_on", [True, False], ids=["lora", "full"])
+def test_torch_compile_compiles_the_reference_forward_as_well_as_the_policys(tmp_path, tiny_sd_path, lora_on):
+    """accelerate compiles the model it prepares (the policy); the reference forward must run compiled too: through
+    the policy's compiled module with LoRA, as its own compiled copy when fully fine-tuning. A hook inside each
+    network records whether it runs under torch.compile, and with gradients (policy) or without (reference)."""
+    torch._dynamo.reset()
+    args = config(tmp_path, torch_compile=True, torch_compile_backend="eager")  # "eager": traced, not code-generated
+    trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=lora() if lora_on else None)
+    calls = []
+    references = [trainer.ref_denoiser] if trainer.ref_denoiser is not None else []
+    for network in [trainer.model, *references]:
+        network = getattr(network, "_orig_mod", network)  # a compiled module's network
+        network.conv_in.register_forward_pre_hook(
+            lambda *_: calls.append((torch.compiler.is_compiling(), torch.is_grad_enabled()))
+        )
+    trainer.train()
+    assert sorted(set(calls)) == [(True, False), (True, True)]  # the reference's forwards and the policy's
+    assert len(calls) == 4  # 2 steps x (reference + policy)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
 def test_evaluation_reports_prefixed_metrics(tmp_path, tiny_sd_path):
     trainer = PolyDPOTrainer(
         tiny_sd_path, config(tmp_path), pickapic_dataset(4), eval_dataset=pickapic_dataset(4), peft_config=lora()

@@ -17,6 +17,7 @@ from collections.abc import Sized
 from typing import Any
 
 import torch
+from accelerate.utils import DynamoBackend, compile_regions
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file
@@ -285,7 +286,15 @@ class PolyDPOTrainer(Trainer):
             from trl.models.utils import prepare_fsdp
 
             return prepare_fsdp(reference, self.accelerator)
-        return reference.to(self.accelerator.device)
+        reference = reference.to(self.accelerator.device)
+        dynamo = self.accelerator.state.dynamo_plugin
+        if dynamo.backend != DynamoBackend.NO:
+            # accelerate compiles only the model it prepares; the reference forward is a quarter of a full
+            # fine-tuning step, so it is compiled the same way (a LoRA reference already runs through the policy's
+            # compiled module).
+            compile_fn = compile_regions if dynamo.use_regional_compilation else torch.compile
+            reference = compile_fn(reference, **dynamo.to_kwargs())
+        return reference
 
     def _prepare_dataset(self, dataset: Any, args: PolyDPOConfig) -> Any:
         if dataset is None or isinstance(dataset, (PreferencePairs, StreamingPreferencePairs)):
