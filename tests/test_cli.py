@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from vipo_trl.cli import main
 from vipo_trl.testing import pickapic_dataset
@@ -183,19 +184,15 @@ def test_env_and_python_dash_m():
 
 
 @pytest.mark.slow
-def test_the_command_runs_unchanged_under_accelerate_launch(tmp_path, tiny_sd_path, parquet):
-    # --multi_gpu starts one process per rank; without GPUs they train on the CPU over gloo.
+def accelerate_launch(port: int) -> list[str]:
+    # --multi_gpu starts one process per rank; without GPUs they train on the CPU over gloo (with --use_cpu).
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += [
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29523",
-    ]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launch, "--main_process_port", str(port)]
+
+
+def test_the_command_runs_unchanged_under_accelerate_launch(tmp_path, tiny_sd_path, parquet):
+    launch = accelerate_launch(29523)
     command = [
         "-m",
         "vipo_trl",
@@ -215,3 +212,19 @@ def test_the_command_runs_unchanged_under_accelerate_launch(tmp_path, tiny_sd_pa
     assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in result.stdout + result.stderr
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
     assert saved_config(tmp_path)["per_device_train_batch_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs the launched processes train together")
+def test_processes_that_would_each_train_alone_are_refused(tmp_path, tiny_sd_path, parquet):
+    """Without --use_cpu on a machine without GPUs, transformers runs each launched process as a run of its own
+    (world size 1): two identical runs writing one output_dir. Refused before the model loads."""
+    command = ["-m", "vipo_trl", "train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet]
+    options = [a for a in common(tmp_path) if a != "--use_cpu"]
+    result = subprocess.run(
+        [*accelerate_launch(29524), *command, *options], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("vipo-trl: error: This process is one of 2 launched") == 2, result.stderr[-3000:]
+    assert "set use_cpu=True (--use_cpu)" in result.stderr
+    assert not (tmp_path / "run").exists()

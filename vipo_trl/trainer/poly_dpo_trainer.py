@@ -83,6 +83,19 @@ def _check_data_before_loading(train_dataset: Any, eval_dataset: Any, args: Poly
                 raise PreferenceDataError(f"{name}: {exc}") from None
 
 
+def _check_processes_train_together(args: PolyDPOConfig) -> None:
+    """Several launched processes that transformers does not join into one run (on a machine without GPUs, unless
+    `use_cpu` is set) would each train the whole run alone, writing the same `output_dir`: refused."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise ValueError(
+            f"This process is one of {launched} launched (WORLD_SIZE={launched}), but transformers runs each alone "
+            f"(parallel mode {args.parallel_mode.value!r}): every process would train the whole run separately and "
+            "write the same output_dir. On a machine without GPUs set use_cpu=True (--use_cpu) so that the processes "
+            "train together over gloo, or launch a single process."
+        )
+
+
 class PolyDPOTrainer(Trainer):
     """Trainer for Poly-DPO and the other preference losses of `vipo_trl.losses` on diffusion/flow models.
 
@@ -144,6 +157,7 @@ class PolyDPOTrainer(Trainer):
         datasets = [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])]
         datasets = [d for d in datasets if d is not None]
         _check_data_before_loading(train_dataset, eval_dataset, args)
+        _check_processes_train_together(args)
         from_cache = bool(datasets) and all(is_latent_cache(d) or isinstance(d, LatentCacheDataset) for d in datasets)
         if quantization_config is not None and peft_config is None:
             raise ValueError(
