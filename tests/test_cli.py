@@ -183,7 +183,6 @@ def test_env_and_python_dash_m():
         assert name in out
 
 
-@pytest.mark.slow
 def accelerate_launch(port: int) -> list[str]:
     # --multi_gpu starts one process per rank; without GPUs they train on the CPU over gloo (with --use_cpu).
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
@@ -191,6 +190,7 @@ def accelerate_launch(port: int) -> list[str]:
     return [*launch, "--main_process_port", str(port)]
 
 
+@pytest.mark.slow
 def test_the_command_runs_unchanged_under_accelerate_launch(tmp_path, tiny_sd_path, parquet):
     launch = accelerate_launch(29523)
     command = [
