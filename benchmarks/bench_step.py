@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -94,17 +95,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def reference_loop(opts: argparse.Namespace, lora: bool = False) -> tuple[list[float], float]:
+def loop_pixels(data_bytes: bytes, size: int):
+    """How the reference loops turn an encoded image into a `[3, size, size]` tensor in [-1, 1] (as diffusers'
+    script does: decode, resize, scale)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data_bytes)).convert("RGB")
+    image = image.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def reference_loop(
+    opts: argparse.Namespace, lora: bool = False, on_step: Callable[[], None] | None = None
+) -> tuple[list[float], float]:
     """Diffusion-DPO the way its reference script trains (two full UNet copies), or with `lora` the way diffusers'
     `train_diffusion_dpo.py` trains (one UNet with LoRA adapters, the reference = the same UNet with the adapters
     disabled under `no_grad`); VAE and text encoder on every step either way. Returns step end times and peak memory
-    (MB)."""
-    import numpy as np
+    (MB); `on_step` is called at the end of every step."""
     import torch
     import torch.nn.functional as F
     from datasets import load_from_disk
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from PIL import Image
     from transformers import CLIPTextModel, CLIPTokenizer
 
     data = load_from_disk(opts.data)
@@ -134,13 +149,6 @@ def reference_loop(opts: argparse.Namespace, lora: bool = False) -> tuple[list[f
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     size = opts.resolution
 
-    def to_tensor(data_bytes: bytes) -> torch.Tensor:
-        import io
-
-        image = Image.open(io.BytesIO(data_bytes)).convert("RGB")
-        image = image.resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)
-
     stamps = []
     b = opts.batch
     probe.start_of_training()
@@ -149,7 +157,7 @@ def reference_loop(opts: argparse.Namespace, lora: bool = False) -> tuple[list[f
         rows = data[start : start + b]
         chosen = [r0 if l0 == 1 else r1 for r0, r1, l0 in zip(rows["jpg_0"], rows["jpg_1"], rows["label_0"])]
         rejected = [r1 if l0 == 1 else r0 for r0, r1, l0 in zip(rows["jpg_0"], rows["jpg_1"], rows["label_0"])]
-        pixels = torch.stack([to_tensor(x) for x in chosen + rejected]).to(device, dtype)
+        pixels = torch.stack([loop_pixels(x, size) for x in chosen + rejected]).to(device, dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
             ids = tokenizer(
@@ -184,10 +192,14 @@ def reference_loop(opts: argparse.Namespace, lora: bool = False) -> tuple[list[f
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         stamps.append(time.perf_counter())
+        if on_step is not None:
+            on_step()
     return stamps, probe.peak_mb()
 
 
-def trainer_run(mode: str, opts: argparse.Namespace) -> tuple[list[float], float]:
+def trainer_run(
+    mode: str, opts: argparse.Namespace, on_step: Callable[[], None] | None = None
+) -> tuple[list[float], float]:
     from datasets import load_from_disk
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -229,6 +241,8 @@ def trainer_run(mode: str, opts: argparse.Namespace) -> tuple[list[float], float
         def on_step_end(self, *a, **k):
             _sync(opts.device)
             stamps.append(time.perf_counter())
+            if on_step is not None:
+                on_step()
 
     trainer.add_callback(Clock())
     trainer.train()

@@ -37,7 +37,8 @@ def test_bench_step_smoke_measures_every_mode_and_states_each_target(tmp_path):
     assert "targets (ratio min/median/max over rounds)" in run.stdout
 
 
-def test_profile_step_prints_each_modes_operators(tmp_path):
+def test_profile_step_prints_each_modes_operators_over_the_steps_after_warm_up(tmp_path):
+    """Loading and warm-up are left out of every mode's profile (else the first mode is billed for one-off costs)."""
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--smoke", "--rows", "5"],
         capture_output=True, text=True, timeout=600,
@@ -45,7 +46,20 @@ def test_profile_step_prints_each_modes_operators(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for mode in ("lora", "diffusers_lora"):
         section = run.stdout.split(f"=== {mode}:")[1].split("===")[0]
-        assert "s/step under the profiler" in section and "aten::" in section, mode
+        assert "s/step under the profiler (2 steps recorded, after warm-up)" in section, mode
+        assert "aten::" in section, mode
+
+
+def test_bench_data_times_the_trainers_data_path_against_the_loops(tmp_path):
+    out = tmp_path / "data.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    (figures,) = json.loads(out.read_text())["rounds"]
+    assert figures["trainer"] > 0 and figures["loop"] > 0
+    assert "trainer/loop min" in run.stdout
 
 
 def test_gpu_check_builds_the_published_sizes_and_dry_runs():

@@ -188,6 +188,8 @@ def test_a_pair_of_identical_images_is_a_bad_row():
     same_pixels = Image.open(io.BytesIO(red))  # stored differently (a PIL image), the same pixels
     nearly = np.asarray(same_pixels).copy()
     nearly[0, 0, 0] ^= 1  # one bit off: a different image
+    nearly_last = np.asarray(same_pixels).copy()
+    nearly_last[-1, -1, 2] ^= 1  # one bit off in the last band of the last pixel
     ds = Dataset.from_dict(
         {
             "caption": ["a", "b", "c", "d"],
@@ -202,9 +204,14 @@ def test_a_pair_of_identical_images_is_a_bad_row():
     with pytest.raises(PreferenceDataError, match="Row 0: chosen and rejected are the same image"):
         pairs(ds, strict=True)[0]
     generic = Dataset.from_dict(
-        {"prompt": ["a", "b"], "chosen": [red, red], "rejected": [same_pixels, Image.fromarray(nearly)]}
+        {
+            "prompt": ["a", "b", "c"],
+            "chosen": [red, red, red],
+            "rejected": [same_pixels, Image.fromarray(nearly), Image.fromarray(nearly_last)],
+        }
     )
     assert pairs(generic)[0]["skipped"] == [(0, "identical")]
+    assert pairs(generic)[2]["row_index"] == 2 and pairs(generic)[2]["skipped"] == []
     clips = video_dataset(n=2)  # a video: frame by frame
     first_copied = clips.map(
         lambda row, i: {"rejected": row["chosen"] if i == 0 else row["rejected"]}, with_indices=True
