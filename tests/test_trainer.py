@@ -1,5 +1,6 @@
 """PolyDPOTrainer end to end on a tiny Stable Diffusion saved with save_pretrained and loaded by path."""
 
+import copy
 import json
 import os
 
@@ -248,6 +249,25 @@ def test_reference_loss_makes_exactly_one_reference_forward(tmp_path, tiny_sd_pa
     calls = count_forwards(trainer.model)
     trainer.train()
     assert len(calls) == 4  # policy + reference per step, on the same network
+
+
+def test_the_network_and_its_dtype_are_worked_out_once_per_wrapped_model(tmp_path, tiny_sd_path, monkeypatch):
+    """Unwrapping the model and reading its dtype walk every submodule: done once for the wrapped model a run trains,
+    not on every forward; another wrapper object is unwrapped afresh."""
+    trainer = PolyDPOTrainer(tiny_sd_path, config(tmp_path, max_steps=3), pickapic_dataset(8), peft_config=lora())
+    unwrapped, steps = [], StepRecorder()
+    unwrap = trainer.accelerator.unwrap_model
+    monkeypatch.setattr(
+        trainer.accelerator,
+        "unwrap_model",
+        lambda m, *a, **k: (steps.steps and unwrapped.append(m)) or unwrap(m, *a, **k),
+    )
+    trainer.add_callback(steps)
+    trainer.train()  # 3 steps, each a reference and a policy forward
+    assert steps.steps == [1, 2, 3] and len(unwrapped) == 1  # during the steps: once, at the first forward
+    other = copy.deepcopy(trainer.model).to(torch.float64)  # another model object: not the cached one
+    assert trainer._unwrapped(other) == (other, torch.float64)
+    assert trainer._unwrapped(trainer.model_wrapped)[0] is trainer.model
 
 
 def test_combined_losses_are_the_weighted_sum(tmp_path, tiny_sd_path):

@@ -83,9 +83,18 @@ class FlowMatchingObjective:
         return self.noise_scheduler.timesteps[indices]
 
     def sigmas_for(self, timesteps: torch.Tensor) -> torch.Tensor:
-        schedule = self.noise_scheduler.timesteps.to(timesteps.device)
+        schedule, sigmas = self._schedule_on(timesteps.device)
         indices = (schedule[None, :] == timesteps[:, None].to(schedule.dtype)).float().argmax(dim=1)
-        return self.noise_scheduler.sigmas.to(timesteps.device)[indices]
+        return sigmas[indices]
+
+    def _schedule_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # The training schedule never changes; copied to the device once, not twice a step (a copy from pageable
+        # host memory makes the host wait for the GPU).
+        cached = getattr(self, "_device_schedule", None)
+        if cached is None or cached[0] != device:
+            scheduler = self.noise_scheduler
+            cached = self._device_schedule = (device, scheduler.timesteps.to(device), scheduler.sigmas.to(device))
+        return cached[1], cached[2]
 
     def noisy_input_and_target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
