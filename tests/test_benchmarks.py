@@ -10,14 +10,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_benchmark(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `benchmarks/<script>` with `args` in a fresh interpreter; fail the test with its stderr if it fails."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 @pytest.mark.slow
 def test_bench_step_smoke_measures_every_mode_and_states_each_target(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--smoke", "--json", str(out)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_benchmark("bench_step.py", "--smoke", "--json", str(out), timeout=900)
     summary = json.loads(out.read_text())
     (round_,) = summary["rounds"]
     assert set(round_) == {
@@ -37,13 +42,9 @@ def test_bench_step_smoke_measures_every_mode_and_states_each_target(tmp_path):
     assert "targets (ratio min/median/max over rounds)" in run.stdout
 
 
-def test_profile_step_prints_each_modes_operators_over_the_steps_after_warm_up(tmp_path):
+def test_profile_step_prints_each_modes_operators_over_the_steps_after_warm_up():
     """Loading and warm-up are left out of every mode's profile (else the first mode is billed for one-off costs)."""
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--smoke", "--rows", "5"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_benchmark("profile_step.py", "--smoke", "--rows", "5", timeout=600)
     for mode in ("lora", "diffusers_lora"):
         section = run.stdout.split(f"=== {mode}:")[1].split("===")[0]
         assert "s/step under the profiler (2 steps recorded, after warm-up)" in section, mode
@@ -52,11 +53,7 @@ def test_profile_step_prints_each_modes_operators_over_the_steps_after_warm_up(t
 
 def test_bench_data_times_the_trainers_data_path_against_the_loops(tmp_path):
     out = tmp_path / "data.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_data.py"), "--smoke", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_benchmark("bench_data.py", "--smoke", "--json", str(out), timeout=300)
     (figures,) = json.loads(out.read_text())["rounds"]
     assert figures["trainer"] > 0 and figures["loop"] > 0
     assert "trainer/loop min" in run.stdout
