@@ -5,6 +5,7 @@ table and one plot of their metrics.
         --dataset pickapic_v2/ --max_steps 500 --output compare-sd15      # your preference set (any schema)
     python examples/compare_losses.py --smoke          # tiny SD and synthetic pairs, CPU, a minute
     python examples/compare_losses.py --embedded --seeds 0 1 2    # the embedded model, rewards; CPU, ~7 min a seed
+    python examples/compare_losses.py --smoke --losses diffusion_dpo poly_dpo cdpo robust   # + noisy-label baselines
 
 Every run trains a LoRA from the same initialisation on the same batches (the per-pair noise and timesteps depend on
 the seed, step and row only). Each loss optimises its own objective, so their training losses are not comparable;
@@ -34,7 +35,12 @@ LOSSES = {
     "poly_dpo": {"loss_type": ["poly_dpo"]},  # poly_alpha from --poly_alpha
     "mapo": {"loss_type": ["mapo"]},
     "kto": {"loss_type": ["kto"]},
+    # Noisy-label baselines, on request (`--losses diffusion_dpo poly_dpo cdpo robust`):
+    "cdpo": {"loss_type": ["diffusion_dpo"], "label_smoothing": 0.1},
+    "robust": {"loss_type": ["robust"], "label_smoothing": 0.1},
 }
+#: What runs without --losses: the five the ViPO paper compares.
+DEFAULT_LOSSES = ["dpo", "diffusion_dpo", "poly_dpo", "mapo", "kto"]
 
 #: The run size for a real model (flags override each).
 RUN_SIZE = {"max_steps": 500, "batch_size": 4, "learning_rate": 1e-5, "resolution": 512, "beta": 2000.0, "lora_r": 16}
@@ -239,7 +245,7 @@ def main() -> None:
     parser.add_argument(
         "--embedded", action="store_true", help="the embedded model on its clean set, with the shapes reward (CPU)"
     )
-    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=DEFAULT_LOSSES)
     parser.add_argument(
         "--samples_per_prompt", type=int, default=6, help="--embedded: base-model samples per scene for the set"
     )

@@ -34,11 +34,22 @@ def test_combined_losses_with_weights():
         ({"timestep_sampling": "cosine"}, "timestep_sampling"),
         ({"torch_dtype": "int8"}, "torch_dtype"),
         ({"mapo_snr": 0}, "mapo_snr"),
+        ({"label_smoothing": 0.5, "loss_type": "robust"}, "label_smoothing"),
+        ({"label_smoothing": -0.1, "loss_type": "dpo"}, "label_smoothing"),
     ],
 )
 def test_out_of_range_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"PolyDPOConfig.{field}="):
         make(**kwargs)
+
+
+def test_label_smoothing_that_no_selected_loss_reads_is_warned(recwarn):
+    make(loss_type="diffusion_dpo", label_smoothing=0.1)  # cDPO
+    make(loss_type=["robust", "sft"], label_smoothing=0.1)
+    make(loss_type="poly_dpo", label_smoothing=0.0)
+    assert not [w for w in recwarn if "label_smoothing" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"label_smoothing=0.1 has no effect.*loss_type is \['poly_dpo', 'mapo'\]"):
+        make(loss_type=["poly_dpo", "mapo"], label_smoothing=0.1)
 
 
 def test_unknown_loss_lists_available():

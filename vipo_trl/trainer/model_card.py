@@ -188,6 +188,7 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
         "loss": losses,
         "beta (resolved)": trainer.beta,
         "poly_alpha": args.poly_alpha,
+        **({"label_smoothing": args.label_smoothing} if args.label_smoothing else {}),
         "method": f"LoRA (r={trainer.lora_rank})" if trainer.is_lora else "full fine-tuning",
         "steps": trainer.state.global_step,
         "learning rate": args.learning_rate,

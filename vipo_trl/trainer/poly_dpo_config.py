@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Literal
@@ -12,7 +13,7 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from ..data.preference import DataOptions
-from ..losses import get_loss
+from ..losses import BUILTIN_LOSSES, LABEL_SMOOTHING_LOSSES, get_loss
 from ..models.options import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, DiffusionOptions
 
 _SCHEMAS = ("auto", "pickapic", "generic")
@@ -32,8 +33,8 @@ class PolyDPOConfig(TrainingArguments):
 
         loss_type (`str` or `list[str]`, *optional*, defaults to `"poly_dpo"`):
             Name(s) of the loss(es) to use, from `vipo_trl.losses.available_losses()`: `"poly_dpo"` (ViPO),
-            `"diffusion_dpo"` (alias `"dpo"`), `"hinge"`, `"ipo"`, `"mapo"`, `"kto"`, `"sft"`, or any loss
-            registered with `vipo_trl.losses.register_loss`. Several losses are summed, weighted by
+            `"diffusion_dpo"` (alias `"dpo"`), `"robust"`, `"hinge"`, `"ipo"`, `"mapo"`, `"kto"`, `"sft"`, or any
+            loss registered with `vipo_trl.losses.register_loss`. Several losses are summed, weighted by
             `loss_weights`, as in TRL: `loss_type=["poly_dpo", "sft"]`.
         loss_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             One weight per entry of `loss_type`; `None` weighs each loss 1.0.
@@ -52,6 +53,10 @@ class PolyDPOConfig(TrainingArguments):
             conflicting preference data such as Pick-a-Pic v2; `< 0` for over-simple data. Must be >= -1: below,
             the gradient factor `-(1 - p)(1 + alpha * p)` changes sign for confident pairs and training would push
             them the wrong way.
+        label_smoothing (`float`, *optional*, defaults to `0.0`):
+            TRL's label smoothing for noisy preferences: the assumed rate at which labels are flipped. It makes
+            `"diffusion_dpo"`/`"dpo"` conservative DPO (cDPO) and sets the flip rate of `"robust"` (robust DPO); the
+            other built-in losses do not read it (a warning says so). Must be in [0, 0.5).
         mapo_beta (`float`, *optional*, defaults to `0.1`):
             MaPO's weight of the margin (odds-ratio) term, as in the authors' code.
         mapo_snr (`float`, *optional*, defaults to `0.5`):
@@ -183,6 +188,7 @@ class PolyDPOConfig(TrainingArguments):
     loss_params: dict | str | None = None
     beta: float | None = None
     poly_alpha: float = 0.0
+    label_smoothing: float = 0.0
     mapo_beta: float = 0.1
     mapo_snr: float = 0.5
     mapo_margin_scale: float = 1000.0
@@ -281,6 +287,16 @@ class PolyDPOConfig(TrainingArguments):
             self.poly_alpha,
             "must be >= -1 (below, Poly-DPO's gradient changes sign for confident pairs)",
         )
+        _require(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
+        if self.label_smoothing and set(self.loss_type) <= BUILTIN_LOSSES - LABEL_SMOOTHING_LOSSES:
+            # As TRL warns for its losses that ignore it; a loss of the user's own may read it, so no warning then.
+            warnings.warn(
+                f"PolyDPOConfig.label_smoothing={self.label_smoothing} has no effect: only the losses "
+                f"{sorted(LABEL_SMOOTHING_LOSSES)} read it, and loss_type is {self.loss_type}. Set label_smoothing=0.0 "
+                "to remove this warning.",
+                UserWarning,
+                stacklevel=3,
+            )
         _require(self.mapo_beta >= 0, "mapo_beta", self.mapo_beta, "must be >= 0")
         _require(self.mapo_snr > 0, "mapo_snr", self.mapo_snr, "must be > 0")
         _require(self.mapo_margin_scale > 0, "mapo_margin_scale", self.mapo_margin_scale, "must be > 0")
