@@ -5,7 +5,7 @@ table and one plot of their metrics.
         --dataset pickapic_v2/ --max_steps 500 --output compare-sd15      # your preference set (any schema)
     python examples/compare_losses.py --smoke          # tiny SD and synthetic pairs, CPU, a minute
     python examples/compare_losses.py --embedded --seeds 0 1 2    # the embedded model, rewards; CPU, ~7 min a seed
-    python examples/compare_losses.py --smoke --losses diffusion_dpo poly_dpo cdpo robust   # + noisy-label baselines
+    python examples/compare_losses.py --smoke --losses diffusion_dpo poly_dpo robust   # + robust DPO
 
 Every run trains a LoRA from the same initialisation on the same batches (the per-pair noise and timesteps depend on
 the seed, step and row only). Each loss optimises its own objective, so their training losses are not comparable;
@@ -35,8 +35,7 @@ LOSSES = {
     "poly_dpo": {"loss_type": ["poly_dpo"]},  # poly_alpha from --poly_alpha
     "mapo": {"loss_type": ["mapo"]},
     "kto": {"loss_type": ["kto"]},
-    # Noisy-label baselines, on request (`--losses diffusion_dpo poly_dpo cdpo robust`):
-    "cdpo": {"loss_type": ["diffusion_dpo"], "label_smoothing": 0.1},
+    # The noisy-label baseline, on request (`--losses diffusion_dpo poly_dpo robust`): robust DPO, flip rate 0.1
     "robust": {"loss_type": ["robust"], "label_smoothing": 0.1},
 }
 #: What runs without --losses: the five the ViPO paper compares.

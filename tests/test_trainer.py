@@ -287,13 +287,13 @@ def test_combined_losses_are_the_weighted_sum(tmp_path, tiny_sd_path):
     torch.testing.assert_close(metrics["rewards/margins"], (chosen - rejected).mean().detach())
 
 
-def test_label_smoothing_reaches_the_loss_as_cdpo(tmp_path, tiny_sd_path):
+def test_label_smoothing_reaches_the_robust_loss(tmp_path, tiny_sd_path):
     trainer = PolyDPOTrainer(
-        tiny_sd_path, config(tmp_path, loss_type="dpo", label_smoothing=0.2), pickapic_dataset(8), peft_config=lora()
+        tiny_sd_path, config(tmp_path, loss_type="robust", label_smoothing=0.2), pickapic_dataset(8), peft_config=lora()
     )
     torch.manual_seed(0)
     for name, param in trainer.model.named_parameters():
-        if "lora_B" in name:  # a policy away from the reference: at logits 0, cDPO and DPO agree
+        if "lora_B" in name:  # a policy away from the reference: at logits 0, robust DPO and DPO agree
             param.data.normal_(0, 0.5)
     batch = one_batch(trainer)
     trainer.model.train()  # training noise (salt = step 0), as below
@@ -301,8 +301,9 @@ def test_label_smoothing_reaches_the_loss_as_cdpo(tmp_path, tiny_sd_path):
     chosen, rejected = implicit_rewards(trainer.denoising_errors(trainer.model, batch, salt=0), trainer.beta)
     logits = (chosen - rejected).detach()
     assert logits.abs().min() > 0.1
-    cdpo = (-0.8 * torch.nn.functional.logsigmoid(logits) - 0.2 * torch.nn.functional.logsigmoid(-logits)).mean()
-    torch.testing.assert_close(loss.detach(), cdpo)
+    logsigmoid = torch.nn.functional.logsigmoid
+    robust = ((-0.8 * logsigmoid(logits) + 0.2 * logsigmoid(-logits)) / 0.6).mean()
+    torch.testing.assert_close(loss.detach(), robust)
 
 
 def test_pair_noise_depends_on_the_row_not_the_batch(tmp_path, tiny_sd_path):

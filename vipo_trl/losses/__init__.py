@@ -6,7 +6,7 @@ from .registry import DenoisingErrors, LossOutput, LossSpec, available_losses, g
 
 #: The losses that ship with vipo-trl (registered above), and those of them that read `label_smoothing`.
 BUILTIN_LOSSES = frozenset(available_losses())
-LABEL_SMOOTHING_LOSSES = frozenset({"diffusion_dpo", "dpo", "robust"})
+LABEL_SMOOTHING_LOSSES = frozenset({"robust"})
 
 __all__ = [
     "BUILTIN_LOSSES",

@@ -41,17 +41,9 @@ def diffusion_dpo_loss(errors: DenoisingErrors, config: Any) -> LossOutput:
 
     Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization", CVPR 2024
     (arXiv:2311.12908), as in diffusers' `diffusion_dpo` research example.
-
-    With `config.label_smoothing = eps > 0` it is conservative DPO (cDPO; Mitchell, "A note on DPO with noisy
-    preferences", 2023), as TRL's sigmoid loss with `label_smoothing`: each label is taken to be flipped with
-    probability eps, `mean(-(1 - eps) * logsigmoid(logits) - eps * logsigmoid(-logits))`.
     """
     logits = preference_logits(errors, config.beta)
-    eps = getattr(config, "label_smoothing", 0.0)
-    per_pair = -F.logsigmoid(logits)
-    if eps:
-        per_pair = (1.0 - eps) * per_pair - eps * F.logsigmoid(-logits)
-    return LossOutput(loss=per_pair.mean())
+    return LossOutput(loss=-F.logsigmoid(logits).mean())
 
 
 # The ViPO paper calls Diffusion-DPO "standard DPO".
@@ -84,9 +76,10 @@ def robust_dpo_loss(errors: DenoisingErrors, config: Any) -> LossOutput:
     `eps = config.label_smoothing`, the rate at which labels are assumed flipped.
 
     Chowdhury et al., "Provably Robust DPO: Aligning Language Models with Noisy Feedback", ICML 2024
-    (arXiv:2403.00409), as TRL's `loss_type="robust"`: an unbiased estimate of the loss on clean labels when each
-    label is flipped with probability eps (cDPO, by contrast, stops pushing a pair once `sigmoid(logits)` reaches
-    `1 - eps`). Unlike Diffusion-DPO it is not bounded below for eps > 0. `eps = 0` is Diffusion-DPO.
+    (arXiv:2403.00409), as TRL's `loss_type="robust"` with its `label_smoothing`: an unbiased estimate of the loss on
+    clean labels when each label is flipped with probability eps (conservative DPO, the label-smoothed form, stops
+    pushing a pair once `sigmoid(logits)` reaches `1 - eps` instead). Unlike Diffusion-DPO it is not bounded below
+    for eps > 0. `eps = 0` is Diffusion-DPO.
     """
     logits = preference_logits(errors, config.beta)
     eps = getattr(config, "label_smoothing", 0.0)

@@ -54,9 +54,9 @@ class PolyDPOConfig(TrainingArguments):
             the gradient factor `-(1 - p)(1 + alpha * p)` changes sign for confident pairs and training would push
             them the wrong way.
         label_smoothing (`float`, *optional*, defaults to `0.0`):
-            TRL's label smoothing for noisy preferences: the assumed rate at which labels are flipped. It makes
-            `"diffusion_dpo"`/`"dpo"` conservative DPO (cDPO) and sets the flip rate of `"robust"` (robust DPO); the
-            other built-in losses do not read it (a warning says so). Must be in [0, 0.5).
+            As in TRL, the rate at which preference labels are assumed flipped, read by `"robust"` (robust DPO, for
+            noisy preferences; the paper suggests 0.1). The other built-in losses do not read it (a warning says so;
+            TRL's `sigmoid` no longer does either). Must be in [0, 0.5).
         mapo_beta (`float`, *optional*, defaults to `0.1`):
             MaPO's weight of the margin (odds-ratio) term, as in the authors' code.
         mapo_snr (`float`, *optional*, defaults to `0.5`):
