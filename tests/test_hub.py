@@ -98,3 +98,28 @@ def test_card_metadata_names_hub_ids_only(tmp_path, tiny_sd_path, monkeypatch):
     (tmp_path / "pairs.parquet").write_bytes(b"")
     for local in (str(tmp_path / "pairs.parquet"), "my data/with spaces"):
         assert build_model_card(trainer, "alice/x", local).data.datasets is None
+
+
+@pytest.mark.parametrize(
+    "loss_type, methods, cited",
+    [
+        (
+            ["poly_dpo", "sft"],
+            "Poly-DPO, SFT (ViPO: Visual Preference Optimization at Scale, ICLR 2026).",
+            ["Poly-DPO"],
+        ),
+        (["mapo"], "MaPO.", ["MaPO"]),
+        (["robust"], "Robust DPO.", ["Robust DPO", "Diffusion-DPO"]),
+    ],
+)
+def test_the_card_names_the_methods_the_run_used_and_cites_them(tmp_path, tiny_sd_path, loss_type, methods, cited):
+    """A card credits the paper of each loss trained with (the ViPO paper only for Poly-DPO) and cites those alone."""
+    from vipo_trl.trainer.model_card import build_model_card
+
+    args = PolyDPOConfig(
+        output_dir=str(tmp_path / "out"), resolution=16, report_to=[], use_cpu=True, loss_type=loss_type
+    )
+    trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=LoraConfig(r=4, lora_alpha=4))
+    card = str(build_model_card(trainer, "alice/x", None))
+    assert f"aligned with human preferences by {methods}" in card
+    assert sorted(line[5:-4] for line in card.splitlines() if line.startswith("Cite ")) == sorted([*cited, "TRL"])

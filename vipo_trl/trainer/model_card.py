@@ -93,6 +93,14 @@ CITATIONS = {
     booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
     year      = {2024}
 }""",
+    "robust": """@inproceedings{chowdhury2024rdpo,
+    title     = {{Provably Robust DPO: Aligning Language Models with Noisy Feedback}},
+    author    = {Chowdhury, Sayak Ray and Kini, Anush and Natarajan, Nagarajan},
+    booktitle = {International Conference on Machine Learning (ICML)},
+    year      = {2024},
+    eprint    = {2403.00409},
+    archivePrefix = {arXiv}
+}""",
     "TRL": r"""@misc{vonwerra2022trl,
     title        = {{TRL: Transformer Reinforcement Learning}},
     author       = {Leandro von Werra and Younes Belkada and Lewis Tunstall and Edward Beeching and Tristan Thrush
@@ -112,7 +120,11 @@ METHOD_NAMES = {
     "kto": "Diffusion-KTO",
     "hinge": "Diffusion-DPO",
     "ipo": "Diffusion-DPO",
+    "robust": "Robust DPO",
+    "sft": "SFT",
 }
+#: Methods a loss builds on besides its own: robust DPO's objective over Diffusion-DPO's implicit rewards.
+BUILDS_ON = {"robust": ("diffusion_dpo",)}
 FRAMEWORKS = ("vipo-trl", "trl", "diffusers", "transformers", "peft", "torch", "datasets")
 
 
@@ -133,8 +145,9 @@ def citations(loss_types: list[str]) -> dict[str, str]:
     """Method name -> BibTeX for the losses used (each once), then TRL."""
     out = {}
     for name in loss_types:
-        if name in CITATIONS:
-            out.setdefault(METHOD_NAMES.get(name, name), CITATIONS[name])
+        for key in (name, *BUILDS_ON.get(name, ())):
+            if key in CITATIONS:
+                out.setdefault(METHOD_NAMES.get(key, key), CITATIONS[key])
     out["TRL"] = CITATIONS["TRL"]
     return out
 
@@ -208,11 +221,12 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
     base_ref = (
         f"`{base_model}`" if os.path.exists(base_model) else f"[{base_model}](https://huggingface.co/{base_model})"
     )
+    # Named by its method(s); the ViPO paper only for a run that used Poly-DPO.
+    methods = ", ".join(dict.fromkeys(METHOD_NAMES.get(name, name) for name in args.loss_type))
+    source = " (ViPO: Visual Preference Optimization at Scale, ICLR 2026)" if "poly_dpo" in args.loss_type else ""
     summary = (
         f"A {'LoRA' if trainer.is_lora else 'fine-tuned ' + family.denoiser_name} for {base_ref}, aligned with "
-        "human preferences by "
-        f"{'Poly-DPO' if 'poly_dpo' in args.loss_type else losses} "
-        "(ViPO: Visual Preference Optimization at Scale, ICLR 2026)."
+        f"human preferences by {methods}{source}."
     )
     return ModelCard.from_template(
         card_data,
