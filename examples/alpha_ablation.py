@@ -183,9 +183,11 @@ def task_train(
     work: str,
     path: str,
     matched_alpha: float | None = None,
+    loss: dict | None = None,
 ) -> dict:
     """Train one arm from the set's cache with the public API, then score the aligned model. A learning-rate
-    control is Diffusion-DPO (alpha 0) whose `lr` was matched to the run of `matched_alpha`."""
+    control is Diffusion-DPO (alpha 0) whose `lr` was matched to the run of `matched_alpha`. `loss` replaces the
+    Poly-DPO loss settings (e.g. `{"loss_type": "robust", "label_smoothing": 0.1}`, examples/robust_study.py)."""
     from peft import LoraConfig
 
     from vipo_trl import PolyDPOConfig, PolyDPOTrainer
@@ -194,8 +196,7 @@ def task_train(
     out = os.path.join(work, "models", Path(path).stem)
     config = PolyDPOConfig(
         output_dir=out,
-        loss_type="poly_dpo",
-        poly_alpha=alpha,
+        **(loss or {"loss_type": "poly_dpo", "poly_alpha": alpha}),
         beta=2000.0,
         max_steps=plan.steps,
         per_device_train_batch_size=8,
@@ -226,7 +227,8 @@ def task_train(
         "learning_rate": lr,
         "arm": arm,
         "matched_alpha": matched_alpha,
-        "grad_scale": sum(logged) / len(logged),
+        "grad_scale": sum(logged) / len(logged) if logged else None,  # logged by Poly-DPO only
+        **({"loss": loss} if loss else {}),
         "final_accuracy": accuracy[-1] if accuracy else None,
         "train_seconds": seconds,
         **evaluate(pipe, plan),

@@ -92,6 +92,25 @@ def test_compare_losses_summary_is_paired_over_seeds():
 
 
 @pytest.mark.slow
+def test_robust_study_smoke_trains_robust_dpo_and_its_control_and_resumes(tmp_path):
+    command = [sys.executable, str(ROOT / "examples" / "robust_study.py"), "--smoke", "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = {r["arm"]: r for r in results["runs"]}
+    assert set(runs) == {"dpo", "robust0.1", "control0.1"} and not results["check"]["reused_alpha_study"]
+    assert runs["robust0.1"]["loss"] == {"loss_type": "robust", "label_smoothing": 0.1}
+    assert runs["control0.1"]["learning_rate"] == pytest.approx(3e-3 / 0.8) and "loss" not in runs["control0.1"]
+    (arm,) = results["stats"]["arms"]
+    base = results["base"]["reward"]
+    assert arm["robust_minus_dpo"]["mean"] == pytest.approx(runs["robust0.1"]["reward"] - runs["dpo"]["reward"])
+    assert arm["robust_gain"]["mean"] == pytest.approx(runs["robust0.1"]["reward"] - base)
+    assert "| robust, label_smoothing 0.1 | 0.003 |" in (tmp_path / "table.md").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)  # resumable: nothing reruns
+    assert again.returncode == 0 and "running 0 runs" in again.stdout, again.stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_alpha_ablation_smoke(tmp_path):
     """The study's smoke grid (2 seeds, alpha 0 and 1, one learning-rate control) runs, resumes and reports."""
     command = [sys.executable, str(ROOT / "examples" / "alpha_ablation.py"), "--smoke", "--output", str(tmp_path)]
