@@ -169,7 +169,7 @@ def report(plan: study.Plan, output: Path, epsilons: tuple[float, ...], baseline
     table = "\n".join(lines) + "\n"
     output.mkdir(parents=True, exist_ok=True)
     (output / "table.md").write_text(table)
-    runs = [{"arm": k[0], "seed": k[1], **v} for k, v in collected["runs"].items()]
+    runs = [{**v, "arm": k[0], "seed": k[1]} for k, v in collected["runs"].items()]  # Diffusion-DPO as "dpo"
     results = {**{k: v for k, v in collected.items() if k != "runs"}, "runs": runs, "stats": stats, "command": command}
     (output / "results.json").write_text(json.dumps(results, indent=1))
     print(table)
