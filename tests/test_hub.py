@@ -101,25 +101,45 @@ def test_card_metadata_names_hub_ids_only(tmp_path, tiny_sd_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "loss_type, methods, cited",
+    "loss_type, methods, cited, tags, rows",
     [
         (
             ["poly_dpo", "sft"],
             "Poly-DPO, SFT (ViPO: Visual Preference Optimization at Scale, ICLR 2026).",
             ["Poly-DPO"],
+            ["poly-dpo", "sft"],
+            ["| poly_alpha | 8.0 |"],
         ),
-        (["mapo"], "MaPO.", ["MaPO"]),
-        (["robust"], "Robust DPO.", ["Robust DPO", "Diffusion-DPO"]),
+        (["dpo"], "Diffusion-DPO.", ["Diffusion-DPO"], ["diffusion-dpo"], []),
+        (
+            ["mapo"],
+            "MaPO.",
+            ["MaPO"],
+            ["mapo"],
+            ["| mapo_beta | 0.1 |", "| mapo_snr | 0.5 |", "| mapo_margin_scale | 1000.0 |"],
+        ),
+        (["robust"], "Robust DPO.", ["Robust DPO", "Diffusion-DPO"], ["robust-dpo"], ["| label_smoothing | 0.2 |"]),
     ],
 )
-def test_the_card_names_the_methods_the_run_used_and_cites_them(tmp_path, tiny_sd_path, loss_type, methods, cited):
-    """A card credits the paper of each loss trained with (the ViPO paper only for Poly-DPO) and cites those alone."""
+def test_the_card_names_the_methods_the_run_used_and_cites_them(
+    tmp_path, tiny_sd_path, loss_type, methods, cited, tags, rows
+):
+    """A card credits the paper of each loss trained with (the ViPO paper only for Poly-DPO), cites and tags those
+    alone, and lists the settings those losses read (poly_alpha=8 is set for every run, as compare_losses.py does)."""
     from vipo_trl.trainer.model_card import build_model_card
 
+    smoothing = 0.2 if "robust" in loss_type else 0.0
     args = PolyDPOConfig(
-        output_dir=str(tmp_path / "out"), resolution=16, report_to=[], use_cpu=True, loss_type=loss_type
-    )
+        output_dir=str(tmp_path / "out"), resolution=16, report_to=[], use_cpu=True, loss_type=loss_type,
+        poly_alpha=8.0, label_smoothing=smoothing,
+    )  # fmt: skip
     trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=LoraConfig(r=4, lora_alpha=4))
-    card = str(build_model_card(trainer, "alice/x", None))
-    assert f"aligned with human preferences by {methods}" in card
-    assert sorted(line[5:-4] for line in card.splitlines() if line.startswith("Cite ")) == sorted([*cited, "TRL"])
+    card = build_model_card(trainer, "alice/x", None)
+    text = str(card)
+    assert f"aligned with human preferences by {methods}" in text
+    assert sorted(line[5:-4] for line in text.splitlines() if line.startswith("Cite ")) == sorted([*cited, "TRL"])
+    assert card.data.tags == ["vipo-trl", "diffusers", *tags, "lora", "text-to-image"]
+    settings = [
+        line for line in text.splitlines() if line.startswith(("| poly_alpha", "| label_", "| mapo_", "| kto_"))
+    ]
+    assert settings == rows

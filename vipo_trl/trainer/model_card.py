@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-TAGS = ["vipo-trl", "poly-dpo", "diffusers"]
+from ..losses import LOSS_CONFIG_FIELDS
+
+TAGS = ["vipo-trl", "diffusers"]  # then one tag per method trained with: "poly-dpo", "diffusion-dpo", ...
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -183,7 +186,9 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
     args, family = trainer.args, trainer.family
     base_model = family.name_or_path or "<base model>"
     pipeline_class = family.pipeline_class.__name__
-    tags = [*TAGS, "lora" if trainer.is_lora else "full-fine-tune"]
+    methods = dict.fromkeys(METHOD_NAMES.get(name, name) for name in args.loss_type)
+    tags = [*TAGS, *(m.lower().replace(" ", "-").replace("_", "-") for m in methods)]
+    tags.append("lora" if trainer.is_lora else "full-fine-tune")
     tags.append("text-to-video" if family.is_video else "text-to-image")
     # The Hub accepts only repo ids in this metadata (a local folder is named in the card's text instead), as TRL.
     card_data = ModelCardData(
@@ -200,8 +205,9 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
         "dataset": dataset_name or "(not recorded)",
         "loss": losses,
         "beta (resolved)": trainer.beta,
-        "poly_alpha": args.poly_alpha,
-        **({"label_smoothing": args.label_smoothing} if args.label_smoothing else {}),
+        # The settings of the losses trained with (a Diffusion-DPO run's card shows no poly_alpha)
+        **{field: getattr(args, field) for name in args.loss_type for field in LOSS_CONFIG_FIELDS.get(name, ())},
+        **({"loss_params": json.dumps(args.loss_params, sort_keys=True)} if args.loss_params else {}),
         "method": f"LoRA (r={trainer.lora_rank})" if trainer.is_lora else "full fine-tuning",
         "steps": trainer.state.global_step,
         "learning rate": args.learning_rate,
@@ -222,11 +228,10 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
         f"`{base_model}`" if os.path.exists(base_model) else f"[{base_model}](https://huggingface.co/{base_model})"
     )
     # Named by its method(s); the ViPO paper only for a run that used Poly-DPO.
-    methods = ", ".join(dict.fromkeys(METHOD_NAMES.get(name, name) for name in args.loss_type))
     source = " (ViPO: Visual Preference Optimization at Scale, ICLR 2026)" if "poly_dpo" in args.loss_type else ""
     summary = (
         f"A {'LoRA' if trainer.is_lora else 'fine-tuned ' + family.denoiser_name} for {base_ref}, aligned with "
-        f"human preferences by {methods}{source}."
+        f"human preferences by {', '.join(methods)}{source}."
     )
     return ModelCard.from_template(
         card_data,
