@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MemoryProbe, pickapic_pairs, sd15_sized, small_sd, spread  # noqa: E402
+from common import MemoryProbe, pickapic_pairs, sd15_sized, sdxl_sized, small_sd, spread  # noqa: E402
 
 MODES = {
     "reference": "reference loop: two full UNet copies, VAE + text encoder every step",
@@ -114,19 +114,26 @@ def reference_loop(
 ) -> tuple[list[float], float]:
     """Diffusion-DPO the way its reference script trains (two full UNet copies), or with `lora` the way diffusers'
     `train_diffusion_dpo.py` trains (one UNet with LoRA adapters, the reference = the same UNet with the adapters
-    disabled under `no_grad`); VAE and text encoder on every step either way. Returns step end times and peak memory
-    (MB); `on_step` is called at the end of every step."""
+    disabled under `no_grad`); VAE and text encoder(s) on every step either way. An SDXL pipeline is conditioned as
+    diffusers' `train_diffusion_dpo_sdxl.py` does it (both encoders' penultimate states, the pooled projection, the
+    size and crop time ids). Returns step end times and peak memory (MB); `on_step` is called at the end of every
+    step."""
     import torch
     import torch.nn.functional as F
     from datasets import load_from_disk
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     data = load_from_disk(opts.data)
     device, dtype = opts.device, torch.bfloat16 if opts.bf16 else torch.float32
     probe = MemoryProbe(device)
     tokenizer = CLIPTokenizer.from_pretrained(opts.model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(opts.model, subfolder="text_encoder").to(device, dtype)
+    xl = Path(opts.model, "text_encoder_2").is_dir()
+    if xl:
+        tokenizer_2 = CLIPTokenizer.from_pretrained(opts.model, subfolder="tokenizer_2")
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(opts.model, subfolder="text_encoder_2")
+        text_encoder_2.to(device, dtype).requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(opts.model, subfolder="vae").to(device, dtype)
     if lora:
         from peft import LoraConfig
@@ -149,6 +156,21 @@ def reference_loop(
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     size = opts.resolution
 
+    def ids_of(tok, prompts: list[str]) -> torch.Tensor:
+        kwargs = dict(max_length=tok.model_max_length, padding="max_length", truncation=True, return_tensors="pt")
+        return tok(prompts, **kwargs).input_ids.to(device)
+
+    def conditioning(prompts: list[str]) -> tuple[torch.Tensor, dict | None]:
+        """The text states for a pair batch (each prompt twice: chosen, rejected) and SDXL's added conditions."""
+        if not xl:
+            return text_encoder(ids_of(tokenizer, prompts))[0].repeat(2, 1, 1), None
+        first = text_encoder(ids_of(tokenizer, prompts), output_hidden_states=True)
+        second = text_encoder_2(ids_of(tokenizer_2, prompts), output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        time_ids = torch.tensor([[2 * size, 2 * size, 0, 0, size, size]], device=device, dtype=hidden.dtype)
+        added = {"text_embeds": second.text_embeds, "time_ids": time_ids.repeat(len(prompts), 1)}
+        return hidden.repeat(2, 1, 1), {k: v.repeat(2, 1) for k, v in added.items()}
+
     stamps = []
     b = opts.batch
     probe.start_of_training()
@@ -160,26 +182,19 @@ def reference_loop(
         pixels = torch.stack([loop_pixels(x, size) for x in chosen + rejected]).to(device, dtype)
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-            ids = tokenizer(
-                rows["caption"],
-                max_length=tokenizer.model_max_length,
-                padding="max_length",
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
-            hidden = text_encoder(ids)[0].repeat(2, 1, 1)
+            hidden, added = conditioning(rows["caption"])
         noise = torch.randn_like(latents[:b]).repeat(2, 1, 1, 1)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=device).repeat(2)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=opts.bf16):
-            prediction = unet(noisy, timesteps, hidden).sample
+            prediction = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         errors = (prediction.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
         with torch.no_grad():
             if lora:
                 unet.disable_adapters()
             reference = unet if lora else ref_unet
             with torch.autocast(device, dtype=torch.bfloat16, enabled=opts.bf16):
-                ref_prediction = reference(noisy, timesteps, hidden).sample
+                ref_prediction = reference(noisy, timesteps, hidden, added_cond_kwargs=added).sample
             if lora:
                 unet.enable_adapters()
             ref_errors = (ref_prediction.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
@@ -275,9 +290,10 @@ def main() -> None:
     parser.add_argument("--unet_width", type=int, default=64, help="small config: the UNet's base width")
     parser.add_argument(
         "--size",
-        choices=["small", "sd15"],
+        choices=["small", "sd15", "sdxl"],
         default="small",
-        help="the model built here: a small SD config, or SD1.5's real sizes (random weights; ~4 GB written to /tmp)",
+        help="the model built here: a small SD config, or SD1.5's or SDXL's real sizes (random weights; ~4 GB or "
+        "~14 GB written to /tmp)",
     )
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (frozen networks in bf16)")
@@ -317,6 +333,8 @@ def main() -> None:
         opts.model = str(work / "model")
         if opts.size == "sd15":
             sd15_sized(opts.model)
+        elif opts.size == "sdxl":
+            sdxl_sized(opts.model)
         else:
             small_sd(opts.model, unet_width=opts.unet_width, unet_levels=3)
     pairs = max(4 * opts.batch, 16)
@@ -356,7 +374,7 @@ def report(opts: argparse.Namespace, rounds: list[dict[str, dict]]) -> None:
         return statistics.median(r[mode][key] for r in rounds)
 
     name = opts.model if "/" in opts.model and not opts.model.startswith("/") else opts.size + " SD config"
-    width = 320 if opts.size == "sd15" else opts.unet_width
+    width = 320 if opts.size in ("sd15", "sdxl") else opts.unet_width
     print(
         f"\nmodel {name} (UNet width {width}), batch {opts.batch} pairs, {opts.resolution}px, "
         f"{'bf16' if opts.bf16 else 'fp32'}, device {opts.device}, {opts.repeats} rounds of {opts.steps} timed steps"

@@ -42,6 +42,44 @@ def test_bench_step_smoke_measures_every_mode_and_states_each_target(tmp_path):
     assert "targets (ratio min/median/max over rounds)" in run.stdout
 
 
+def test_the_diffusers_style_loop_and_the_trainer_step_an_sdxl_pipeline(tmp_path, monkeypatch):
+    """bench_step's `--size sdxl` path on a tiny SDXL: the loop conditions the UNet as diffusers' SDXL DPO script does
+    (2048-wide text states from both encoders, pooled embeddings and six time ids) and the trainer steps the same."""
+    import argparse
+
+    from diffusers import UNet2DConditionModel
+
+    from vipo_trl.testing import sdxl_pipeline
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_step
+    from common import pickapic_pairs
+
+    sdxl_pipeline().save_pretrained(tmp_path / "model")
+    pickapic_pairs(8, 64).save_to_disk(str(tmp_path / "data"))
+    opts = argparse.Namespace(
+        model=str(tmp_path / "model"), data=str(tmp_path / "data"), cache=None, device="cpu", bf16=False, steps=1,
+        batch=2, resolution=32, lora_r=4,
+    )  # fmt: skip
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):
+        seen.append((encoder_hidden_states.shape, {k: v.shape for k, v in (added_cond_kwargs or {}).items()}))
+        return forward(
+            self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs
+        )
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    stamps, _ = bench_step.reference_loop(opts, lora=True)
+    assert len(stamps) == 3 and len(seen) == 6  # 3 steps, a policy and a reference forward each
+    hidden, added = seen[0]
+    width = 2 * 32  # the tiny pipeline's two text encoders are 32 wide each
+    assert hidden[0] == 4 and hidden[-1] == width and added == {"text_embeds": (4, 32), "time_ids": (4, 6)}
+    stamps, _ = bench_step.trainer_run("lora", opts)
+    assert len(stamps) == 3
+
+
 def test_profile_step_prints_each_modes_operators_over_the_steps_after_warm_up():
     """Loading and warm-up are left out of every mode's profile (else the first mode is billed for one-off costs)."""
     run = run_benchmark("profile_step.py", "--smoke", "--rows", "5", timeout=600)
