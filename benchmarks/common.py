@@ -99,7 +99,7 @@ def sd15_sized(path: str, seed: int = 0) -> None:
     encoder (12 layers of 768). Only the tokenizer is small (a short vocabulary; the encoder's size is unchanged but
     for its embedding table)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet, vae = (
@@ -110,100 +110,82 @@ def sd15_sized(path: str, seed: int = 0) -> None:
             attention_head_dim=8,
             sample_size=64,
         ),
-        AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            sample_size=512,
-        ),
+        _sd_vae(sample_size=512),
     )
     _save_sd(path, unet, vae, hidden=768, intermediate=3072, heads=12, layers=12)
 
 
 def sdxl_sized(path: str, seed: int = 0) -> None:
-    """A pipeline of SDXL's real sizes, random weights (nothing downloaded): its UNet (320/640/1280 channels, 1/2/10
-    transformer layers, cross-attention 2048, text-time conditioning: 2567.5M parameters), SD's VAE (SDXL's scaling
-    factor), a CLIP ViT-L/14-sized and an OpenCLIP bigG-sized text encoder (32 layers of 1280, projection 1280). Only
-    the tokenizers are small (short vocabularies)."""
+    """A pipeline of SDXL's real sizes, random weights (nothing downloaded): its UNet (gpu_check.py's SDXL config:
+    320/640/1280 channels, 1/2/10 transformer layers, cross-attention 2048, text-time conditioning: 2567.5M
+    parameters), SD's VAE (SDXL's scaling factor), a CLIP ViT-L/14-sized and an OpenCLIP bigG-sized text encoder (32
+    layers of 1280, projection 1280). Only the tokenizers are small (short vocabularies)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+    from gpu_check import build
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from vipo_trl.testing import tiny_clip_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        sample_size=128,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        sample_size=1024,
-        scaling_factor=0.13025,
-    )
+    unet, _, _ = build("sdxl", tiny=False)
+    vae = _sd_vae(sample_size=1024, scaling_factor=0.13025)
     tokenizer = tiny_clip_tokenizer(max_length=77)
-
-    def text_config(hidden: int, layers: int, heads: int, **extra) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_attention_heads=heads,
-            num_hidden_layers=layers,
-            max_position_embeddings=77,
-            vocab_size=len(tokenizer),
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            **extra,
-        )
-
     StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,
-        text_encoder=CLIPTextModel(text_config(768, 12, 12)),
-        text_encoder_2=CLIPTextModelWithProjection(text_config(1280, 32, 20, projection_dim=1280)),
+        text_encoder=CLIPTextModel(_clip_text_config(len(tokenizer), 768, 3072, 12, 12)),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _clip_text_config(len(tokenizer), 1280, 5120, 20, 32, projection_dim=1280)
+        ),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
     ).save_pretrained(path)
 
 
-def _save_sd(path: str, unet, vae, hidden: int, intermediate: int, heads: int, layers: int) -> None:
-    """A StableDiffusionPipeline of `unet`, `vae`, a CLIP text encoder of the given size (a small tokenizer) and SD's
-    scheduler, saved to `path`."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _sd_vae(**kwargs):
+    """Stable Diffusion's VAE (128/256/512/512 channels, 4 latent channels), random weights."""
+    from diffusers import AutoencoderKL
 
-    from vipo_trl.testing import tiny_clip_tokenizer
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        **kwargs,
+    )
 
-    tokenizer = tiny_clip_tokenizer(max_length=77)
-    text = CLIPTextConfig(
+
+def _clip_text_config(vocab: int, hidden: int, intermediate: int, heads: int, layers: int, **extra):
+    """A CLIP text encoder's config of the given size, for a tokenizer of `vocab` tokens (77 positions)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_attention_heads=heads,
         num_hidden_layers=layers,
         max_position_embeddings=77,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
+        **extra,
     )
+
+
+def _save_sd(path: str, unet, vae, hidden: int, intermediate: int, heads: int, layers: int) -> None:
+    """A StableDiffusionPipeline of `unet`, `vae`, a CLIP text encoder of the given size (a small tokenizer) and SD's
+    scheduler, saved to `path`."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from vipo_trl.testing import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer(max_length=77)
+    text = _clip_text_config(len(tokenizer), hidden, intermediate, heads, layers)
     StableDiffusionPipeline(
         unet=unet,
         vae=vae,
