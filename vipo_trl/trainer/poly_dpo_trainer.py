@@ -429,8 +429,8 @@ class PolyDPOTrainer(Trainer):
 
     def _unwrapped(self, model: nn.Module) -> tuple[nn.Module, torch.dtype]:
         """`model` without its DDP/FSDP/DeepSpeed wrapper (a compile wrapper kept) and that network's dtype, worked out
-        once per wrapped model: both walk every submodule, about 6 ms of Python a step at SD1.5 size, which on a GPU
-        is time the device can wait for."""
+        once per wrapped model: both walk every submodule (about 6 ms of Python a call at SD1.5 size, two calls a
+        step), time a GPU can wait for."""
         cached = getattr(self, "_unwrapped_model", None)
         if cached is None or cached[0] is not model:
             network = self.accelerator.unwrap_model(model)
