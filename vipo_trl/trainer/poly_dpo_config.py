@@ -125,7 +125,8 @@ class PolyDPOConfig(TrainingArguments):
         validation_prompts (`list[str]` or `None`, *optional*, defaults to `None`):
             Prompts to sample with the model being trained at the start, every `validation_steps` steps and at the
             end (one image each, seed `seed`), as diffusers' training scripts do: saved to
-            `output_dir/validation/step-N.png` and logged to TensorBoard or Weights & Biases when in `report_to`.
+            `output_dir/validation/step-N.png` and logged to TensorBoard, Weights & Biases or Trackio when in
+            `report_to`.
             Needs the raw dataset (a latent-cache run loads no VAE or text encoder).
         validation_steps (`int`, *optional*, defaults to `200`):
             Optimizer steps between validation images.

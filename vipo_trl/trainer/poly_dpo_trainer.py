@@ -46,6 +46,7 @@ from ..utils import stable_seed
 from .cache_builder import cache_settings
 from .model_card import build_model_card
 from .poly_dpo_config import PolyDPOConfig
+from .trackers import make_config_trackable
 from .validation import ValidationImagesCallback
 
 logger = logging.get_logger(__name__)
@@ -206,6 +207,7 @@ class PolyDPOTrainer(Trainer):
                 else PreferenceCollator(args.resolution, args.center_crop, args.random_flip)
             )
         self.categories = self._category_names(train_pairs, args)
+        make_config_trackable(self.family.denoiser)  # report_to's callbacks read model.config as a transformers config
 
         super().__init__(
             model=self.family.denoiser,

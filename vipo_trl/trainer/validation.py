@@ -10,14 +10,16 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..models.generation import generate_images
+from .trackers import log_images
 
 
 class ValidationImagesCallback(TrainerCallback):
     """At the start of training and every `validation_steps` optimizer steps (and at the end), generate one image per
     validation prompt with the model being trained (same seed every time, so the images are comparable), save them as
-    `<output_dir>/validation/step-<N>.png` and log them to TensorBoard and Weights & Biases when those are in
-    `report_to`. Only the main process saves and logs. It alone generates, except when the model is sharded (FSDP,
-    DeepSpeed): each forward then gathers weights from every process, so every process generates the same images."""
+    `<output_dir>/validation/step-<N>.png` and log them to TensorBoard, Weights & Biases and Trackio when those are
+    in `report_to` (`trackers.log_images`). Only the main process saves and logs. It alone generates, except when the
+    model is sharded (FSDP, DeepSpeed): each forward then gathers weights from every process, so every process
+    generates the same images."""
 
     def __init__(self, trainer: Any, prompts: list[str], every: int, seed: int = 0, steps: int = 20):
         pipe = trainer.family.pipeline
@@ -52,7 +54,7 @@ class ValidationImagesCallback(TrainerCallback):
         path = os.path.join(folder, f"step-{state.global_step}.png")
         _strip(images).save(path)
         self.saved.append(path)
-        _log_to_trackers(args, state.global_step, images, self.prompts)
+        log_images(self.trainer, state.global_step, images, self.prompts)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._validate(args, state)
@@ -70,20 +72,3 @@ def _strip(images: list[Any]) -> Any:
     from diffusers.utils import make_image_grid
 
     return make_image_grid(images, rows=1, cols=len(images))
-
-
-def _log_to_trackers(args: Any, step: int, images: list[Any], prompts: list[str]) -> None:
-    import numpy as np
-
-    report_to = args.report_to or []
-    if "tensorboard" in report_to:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=args.logging_dir)
-        writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
-        writer.close()
-    if "wandb" in report_to:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.log({"validation": [wandb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
