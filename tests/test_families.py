@@ -219,3 +219,29 @@ def test_saved_lora_round_trips_into_a_fresh_trainer(tmp_path, family_paths, nam
     fresh._load_from_checkpoint(trainer.args.output_dir)
     for k, v in trained.items():
         torch.testing.assert_close(fresh.model.state_dict()[k], v)
+
+
+def test_per_row_noise_is_drawn_from_each_rows_generator_and_reaches_the_device_without_a_host_wait():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vipo_trl.models.base import randn_like_rows
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                self.calls.append(kwargs)
+            return func(*args, **(kwargs or {}))
+
+    noise = randn_like_rows(torch.empty(2, 4, 3, 3), [torch.Generator().manual_seed(s) for s in (7, 1)])
+    assert torch.equal(noise[1], torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(1)))  # its own seed only
+
+    # The draws are made on the CPU; a blocking copy to the GPU would synchronise its stream in the middle of a step.
+    device_side = torch.empty(2, 4, 3, 3, device="meta", dtype=torch.bfloat16)
+    with Copies() as copies:
+        noise = randn_like_rows(device_side, [torch.Generator().manual_seed(s) for s in (7, 1)])
+    assert (noise.device.type, noise.dtype) == ("meta", torch.bfloat16)
+    assert copies.calls == [{"dtype": torch.bfloat16, "device": torch.device("meta"), "non_blocking": True}]

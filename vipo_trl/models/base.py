@@ -327,4 +327,11 @@ def randn_like_rows(reference: torch.Tensor, generators: list[torch.Generator]) 
     if len(generators) != reference.shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {reference.shape[0]}")
     noise = randn_tensor(reference.shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
-    return noise.to(reference.device, reference.dtype)
+    return to_device(noise, reference.device, reference.dtype)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor made on the CPU during a step (noise, timesteps, SDXL's time ids), copied to `device` without making
+    the host wait for the GPU: a blocking copy synchronises the stream mid-step, leaving the GPU idle while Python
+    launches what follows. Safe host to device: the source is staged before the call returns."""
+    return tensor.to(device, dtype, non_blocking=True)

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from torch import nn
 
-from .base import DiffusionFamily, DiffusionOptions, UNetLoraKeys
+from .base import DiffusionFamily, DiffusionOptions, UNetLoraKeys, to_device
 from .objectives import DDPMObjective
 from .registry import register_family
 
@@ -48,7 +48,8 @@ class StableDiffusionXLFamily(UNetLoraKeys, DDPMObjective, DiffusionFamily):
                 )
                 for size, crop in zip(batch["original_sizes"], batch["crop_top_lefts"])
             ]
-        ).to(self.device)
+        )
+        time_ids = to_device(time_ids, self.device)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
 
     def predict(self, network: nn.Module, noisy_input, timesteps, conditioning, dtype) -> torch.Tensor:

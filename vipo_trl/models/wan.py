@@ -8,7 +8,7 @@ import torch
 from diffusers import WanPipeline
 from torch import nn
 
-from .base import DiffusionFamily, DiffusionOptions
+from .base import DiffusionFamily, DiffusionOptions, to_device
 from .objectives import FlowMatchingObjective
 from .registry import register_family
 
@@ -46,8 +46,8 @@ class WanFamily(FlowMatchingObjective, DiffusionFamily):
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae_config
         shape = (1, config.z_dim, 1, 1, 1)
-        latents_mean = torch.tensor(config.latents_mean, device=latents.device).view(shape)
-        latents_std = torch.tensor(config.latents_std, device=latents.device).view(shape)
+        latents_mean = to_device(torch.tensor(config.latents_mean).view(shape), latents.device)
+        latents_std = to_device(torch.tensor(config.latents_std).view(shape), latents.device)
         return (latents - latents_mean) / latents_std
 
     @torch.no_grad()

@@ -41,7 +41,13 @@ from ..data import (
 from ..data.sampling import BucketSampler
 from ..losses import DenoisingErrors, get_loss, implicit_rewards
 from ..models import DiffusionFamily, family_from_pipeline, load_family
-from ..models.base import DENOISER_WEIGHT_NAME, LORA_WEIGHT_NAME, randn_like_rows, save_gathered_weights
+from ..models.base import (
+    DENOISER_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    randn_like_rows,
+    save_gathered_weights,
+    to_device,
+)
 from ..utils import stable_seed
 from .cache_builder import cache_settings
 from .model_card import build_model_card
@@ -401,7 +407,7 @@ class PolyDPOTrainer(Trainer):
         noise = randn_like_rows(latents[: len(generators)], generators)
         noise = torch.cat([noise] * len(sides))
         timesteps = family.sample_timesteps(generators)
-        timesteps = torch.cat([timesteps] * len(sides)).to(device)
+        timesteps = to_device(torch.cat([timesteps] * len(sides)), device)
         noisy_input, target = family.noisy_input_and_target(latents, noise, timesteps)
         weights = family.error_weights(timesteps)
 
