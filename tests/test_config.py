@@ -36,6 +36,9 @@ def test_combined_losses_with_weights():
         ({"mapo_snr": 0}, "mapo_snr"),
         ({"label_smoothing": 0.5, "loss_type": "robust"}, "label_smoothing"),
         ({"label_smoothing": -0.1, "loss_type": "dpo"}, "label_smoothing"),
+        # language-model-only TrainingArguments: transformers would fail at the first step on a denoiser
+        ({"neftune_noise_alpha": 5.0}, "neftune_noise_alpha"),
+        ({"use_liger_kernel": True}, "use_liger_kernel"),
     ],
 )
 def test_out_of_range_values_name_the_field(kwargs, field):

@@ -368,6 +368,22 @@ class PolyDPOConfig(TrainingArguments):
             self.torch_dtype,
             f"must be None or one of {_DTYPES}",
         )
+        # TrainingArguments fields that act on a language model (noise on its token embeddings, Liger's fused kernels
+        # for its layers): a diffusion denoiser has neither, and transformers would fail at the first step.
+        _require(
+            not self.neftune_noise_alpha,
+            "neftune_noise_alpha",
+            self.neftune_noise_alpha,
+            "adds noise to a language model's token embeddings, which a diffusion denoiser does not have: leave it "
+            "unset",
+        )
+        _require(
+            not self.use_liger_kernel,
+            "use_liger_kernel",
+            self.use_liger_kernel,
+            "patches a language model's layers with Liger kernels, which a diffusion denoiser does not have: leave it "
+            "False",
+        )
         # The collator needs the raw image and prompt columns, which Trainer would otherwise drop.
         self.remove_unused_columns = False
         super().__post_init__()
