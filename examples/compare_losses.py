@@ -124,12 +124,13 @@ def _run(args, seed, model, train, held_out, loss, base_reward) -> dict:
             resolution=args.resolution,
             random_flip=not args.embedded,  # the shapes reward reads positions: the embedded run does not flip
             beta=args.beta,
-            poly_alpha=args.poly_alpha,
             logging_steps=max(1, args.max_steps // 30),
             save_strategy="no",
             report_to=[],
             use_cpu=args.smoke or args.embedded,
             disable_tqdm=True,
+            # --poly_alpha only where Poly-DPO runs (a setting no loss of the run reads is warned about)
+            **({"poly_alpha": args.poly_alpha} if "poly_dpo" in loss["loss_type"] else {}),
             **loss,
         )
         lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_r, init_lora_weights="gaussian")

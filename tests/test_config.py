@@ -46,13 +46,30 @@ def test_out_of_range_values_name_the_field(kwargs, field):
         make(**kwargs)
 
 
-def test_label_smoothing_that_no_selected_loss_reads_is_warned(recwarn):
+def test_a_loss_setting_that_no_selected_loss_reads_is_warned(recwarn):
     make(loss_type="robust", label_smoothing=0.1)
     make(loss_type=["robust", "sft"], label_smoothing=0.1)
     make(loss_type="poly_dpo", label_smoothing=0.0)
-    assert not [w for w in recwarn if "label_smoothing" in str(w.message)]
+    make(loss_type=["poly_dpo", "sft"], poly_alpha=8.0)
+    make(loss_type="mapo", mapo_beta=0.5, poly_alpha=0.0)  # a setting left at its default is not "set"
+    assert not [w for w in recwarn if "has no effect" in str(w.message)]
     with pytest.warns(UserWarning, match=r"label_smoothing=0.1 has no effect.*loss_type is \['dpo', 'mapo'\]"):
         make(loss_type=["dpo", "mapo"], label_smoothing=0.1)  # TRL's sigmoid does not read it either
+    with pytest.warns(UserWarning, match=r"poly_alpha=8.0 has no effect: only the losses \['poly_dpo'\] read it"):
+        make(loss_type="diffusion_dpo", poly_alpha=8.0)
+    with pytest.warns(UserWarning, match=r"kto_undesirable_weight=2.0 has no effect"):
+        make(loss_type="poly_dpo", kto_undesirable_weight=2.0)
+
+
+def test_a_loss_of_the_users_own_may_read_any_setting(recwarn):
+    from vipo_trl.losses import LossOutput, register_loss
+
+    @register_loss("test_reads_poly_alpha", needs_reference=False, override=True)
+    def reads_poly_alpha(errors, config):
+        return LossOutput(errors.policy_chosen.mean() * config.poly_alpha, {})
+
+    make(loss_type="test_reads_poly_alpha", poly_alpha=3.0)
+    assert not [w for w in recwarn if "has no effect" in str(w.message)]
 
 
 def test_unknown_loss_lists_available():

@@ -13,11 +13,9 @@ LOSS_CONFIG_FIELDS = {
     "mapo": ("mapo_beta", "mapo_snr", "mapo_margin_scale"),
     "kto": ("kto_desirable_weight", "kto_undesirable_weight"),
 }
-LABEL_SMOOTHING_LOSSES = frozenset(name for name, read in LOSS_CONFIG_FIELDS.items() if "label_smoothing" in read)
 
 __all__ = [
     "BUILTIN_LOSSES",
-    "LABEL_SMOOTHING_LOSSES",
     "LOSS_CONFIG_FIELDS",
     "DenoisingErrors",
     "LossOutput",

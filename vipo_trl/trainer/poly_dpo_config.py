@@ -13,7 +13,7 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from ..data.preference import DataOptions
-from ..losses import BUILTIN_LOSSES, LABEL_SMOOTHING_LOSSES, get_loss
+from ..losses import BUILTIN_LOSSES, LOSS_CONFIG_FIELDS, get_loss
 from ..models.options import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS, DiffusionOptions
 
 _SCHEMAS = ("auto", "pickapic", "generic")
@@ -35,7 +35,8 @@ class PolyDPOConfig(TrainingArguments):
             Name(s) of the loss(es) to use, from `vipo_trl.losses.available_losses()`: `"poly_dpo"` (ViPO),
             `"diffusion_dpo"` (alias `"dpo"`), `"robust"`, `"hinge"`, `"ipo"`, `"mapo"`, `"kto"`, `"sft"`, or any
             loss registered with `vipo_trl.losses.register_loss`. Several losses are summed, weighted by
-            `loss_weights`, as in TRL: `loss_type=["poly_dpo", "sft"]`.
+            `loss_weights`, as in TRL: `loss_type=["poly_dpo", "sft"]`. A loss's own setting below changed from its
+            default while no selected loss reads it (`poly_alpha` with `"diffusion_dpo"`) is warned about.
         loss_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             One weight per entry of `loss_type`; `None` weighs each loss 1.0.
         loss_params (`dict[str, dict]`, `str` or `None`, *optional*, defaults to `None`):
@@ -289,15 +290,6 @@ class PolyDPOConfig(TrainingArguments):
             "must be >= -1 (below, Poly-DPO's gradient changes sign for confident pairs)",
         )
         _require(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
-        if self.label_smoothing and set(self.loss_type) <= BUILTIN_LOSSES - LABEL_SMOOTHING_LOSSES:
-            # As TRL warns for its losses that ignore it; a loss of the user's own may read it, so no warning then.
-            warnings.warn(
-                f"PolyDPOConfig.label_smoothing={self.label_smoothing} has no effect: only the losses "
-                f"{sorted(LABEL_SMOOTHING_LOSSES)} read it, and loss_type is {self.loss_type}. Set label_smoothing=0.0 "
-                "to remove this warning.",
-                UserWarning,
-                stacklevel=3,
-            )
         _require(self.mapo_beta >= 0, "mapo_beta", self.mapo_beta, "must be >= 0")
         _require(self.mapo_snr > 0, "mapo_snr", self.mapo_snr, "must be > 0")
         _require(self.mapo_margin_scale > 0, "mapo_margin_scale", self.mapo_margin_scale, "must be > 0")
@@ -305,6 +297,7 @@ class PolyDPOConfig(TrainingArguments):
         _require(
             self.kto_undesirable_weight >= 0, "kto_undesirable_weight", self.kto_undesirable_weight, "must be >= 0"
         )
+        self._warn_about_unread_loss_settings()
         _require(self.dataset_schema in _SCHEMAS, "dataset_schema", self.dataset_schema, f"must be one of {_SCHEMAS}")
         _require(
             not self.category_balanced or self.category_column is not None,
@@ -387,6 +380,30 @@ class PolyDPOConfig(TrainingArguments):
         # The collator needs the raw image and prompt columns, which Trainer would otherwise drop.
         self.remove_unused_columns = False
         super().__post_init__()
+
+    def _warn_about_unread_loss_settings(self) -> None:
+        """A loss setting changed from its default that none of the selected losses reads (`poly_alpha` with
+        `loss_type="diffusion_dpo"`, `label_smoothing` without `robust`) is warned about, as TRL warns for its losses
+        that ignore `label_smoothing`. Not when a loss of the user's own is selected: it may read any field."""
+        if not set(self.loss_type) <= BUILTIN_LOSSES:
+            return
+        read = {name for loss in self.loss_type for name in LOSS_CONFIG_FIELDS.get(loss, ())}
+        defaults = {f.name: f.default for f in fields(self)}
+        unread = [
+            name
+            for fields_of_loss in LOSS_CONFIG_FIELDS.values()
+            for name in fields_of_loss
+            if name not in read and getattr(self, name) != defaults[name]
+        ]
+        for name in dict.fromkeys(unread):
+            readers = sorted(loss for loss, names in LOSS_CONFIG_FIELDS.items() if name in names)
+            warnings.warn(
+                f"PolyDPOConfig.{name}={getattr(self, name)!r} has no effect: only the losses {readers} read it, and "
+                f"loss_type is {self.loss_type}. Add one of them to loss_type, or leave {name} at its default "
+                f"({defaults[name]!r}) to remove this warning.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     @classmethod
     def help_groups(cls) -> list[tuple[str, list[str]]]:
