@@ -1,6 +1,7 @@
 """The `vipo-trl` command: flags, YAML configs, misspellings, the cache command, `env` and `python -m`."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -177,10 +178,23 @@ def test_cache_command_then_train_from_it(tmp_path, tiny_sd_path, parquet):
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_env_and_python_dash_m():
-    out = subprocess.run([sys.executable, "-m", "vipo_trl", "env"], capture_output=True, text=True, check=True).stdout
+def test_env_and_python_dash_m(tmp_path):
+    def env_output(hf_home):
+        environ = {**os.environ, "HF_HOME": str(hf_home)}
+        command = [sys.executable, "-m", "vipo_trl", "env"]
+        return subprocess.run(command, capture_output=True, text=True, check=True, env=environ).stdout
+
+    out = env_output(tmp_path)
     for name in ("vipo-trl", "torch", "diffusers", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "CUDA"):
         assert name in out
+    assert "accelerate config: not found" in out
+    # A bug report on a multi-GPU run needs the launch settings, as `trl env` prints them.
+    (tmp_path / "accelerate").mkdir()
+    (tmp_path / "accelerate" / "default_config.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 8\nmixed_precision: bf16\n"
+    )
+    out = env_output(tmp_path)
+    assert "- distributed_type: MULTI_GPU" in out and "- num_processes: 8" in out and "- mixed_precision: bf16" in out
 
 
 def accelerate_launch(port: int) -> list[str]:

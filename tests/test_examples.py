@@ -11,29 +11,27 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
 
 
+def run_example(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `examples/<script>` with `args` in a fresh interpreter, as a user would; fail the test with its stderr if
+    it fails."""
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_example_config_smoke(config):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train.py"), str(config), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_example("train.py", str(config), "--smoke")
     out = Path(result.stdout.strip().splitlines()[-1].removeprefix("done: "))
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
 @pytest.mark.slow
 def test_compare_losses_smoke(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "compare_losses.py"), "--smoke", "--output", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_example("compare_losses.py", "--smoke", "--output", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"dpo", "diffusion_dpo", "poly_dpo", "mapo", "kto"}
     # "dpo" is an alias of Diffusion-DPO: same seed, same batches, so the same run.
@@ -48,11 +46,10 @@ def test_compare_losses_smoke(tmp_path):
 def test_compare_losses_on_the_embedded_model_scores_each_run(tmp_path):
     """--embedded: the embedded model on its clean set, each run's shapes-reward gain over the base model and its
     paired difference against Diffusion-DPO (a small run: 2 losses, 3 steps, 48 held-out samples)."""
-    command = [sys.executable, str(ROOT / "examples" / "compare_losses.py"), "--embedded", "--losses",
-               "diffusion_dpo", "mapo", "--max_steps", "3", "--samples_per_prompt", "2", "--eval_seeds", "10001",
-               "--output", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_example(
+        "compare_losses.py", "--embedded", "--losses", "diffusion_dpo", "mapo", "--max_steps", "3",
+        "--samples_per_prompt", "2", "--eval_seeds", "10001", "--output", str(tmp_path),
+    )  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"diffusion_dpo", "mapo"}
     for summary in results.values():
@@ -93,9 +90,8 @@ def test_compare_losses_summary_is_paired_over_seeds():
 
 @pytest.mark.slow
 def test_robust_study_smoke_trains_robust_dpo_and_its_control_and_resumes(tmp_path):
-    command = [sys.executable, str(ROOT / "examples" / "robust_study.py"), "--smoke", "--output", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    command = ("robust_study.py", "--smoke", "--output", str(tmp_path))
+    run_example(*command)
     results = json.loads((tmp_path / "results.json").read_text())
     runs = {r["arm"]: r for r in results["runs"]}
     assert set(runs) == {"dpo", "robust0.1", "control0.1"} and not results["check"]["reused_alpha_study"]
@@ -106,16 +102,15 @@ def test_robust_study_smoke_trains_robust_dpo_and_its_control_and_resumes(tmp_pa
     assert arm["robust_minus_dpo"]["mean"] == pytest.approx(runs["robust0.1"]["reward"] - runs["dpo"]["reward"])
     assert arm["robust_gain"]["mean"] == pytest.approx(runs["robust0.1"]["reward"] - base)
     assert "| robust, label_smoothing 0.1 | 0.003 |" in (tmp_path / "table.md").read_text()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)  # resumable: nothing reruns
-    assert again.returncode == 0 and "running 0 runs" in again.stdout, again.stdout[-2000:]
+    again = run_example(*command)  # resumable: nothing reruns
+    assert "running 0 runs" in again.stdout, again.stdout[-2000:]
 
 
 @pytest.mark.slow
 def test_alpha_ablation_smoke(tmp_path):
     """The study's smoke grid (2 seeds, alpha 0 and 1, one learning-rate control) runs, resumes and reports."""
-    command = [sys.executable, str(ROOT / "examples" / "alpha_ablation.py"), "--smoke", "--output", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    command = ("alpha_ablation.py", "--smoke", "--output", str(tmp_path))
+    run_example(*command)
     results = json.loads((tmp_path / "results.json").read_text())
     runs = results["runs"]
     arms = {(r["set"], r["seed"], r["alpha"], r["arm"]) for r in runs}
@@ -143,8 +138,8 @@ def test_alpha_ablation_smoke(tmp_path):
     assert "Learning-rate control" in table and "| noisy |" in table and "would need" in table
     assert (tmp_path / "alpha_study.png").stat().st_size > 10_000
     # Resumable: a second call finds every run done and only rebuilds the report.
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "running 0" in again.stdout, again.stdout[-2000:]
+    again = run_example(*command)
+    assert "running 0" in again.stdout, again.stdout[-2000:]
 
 
 def test_alpha_ablation_seeds_needed_for_the_interval_target():
@@ -163,9 +158,8 @@ def test_alpha_ablation_seeds_needed_for_the_interval_target():
 @pytest.mark.slow
 def test_alignment_rounds_smoke(tmp_path):
     """Both rounds and the control run through the public API, and a finished seed is kept on a rerun."""
-    command = [sys.executable, str(ROOT / "examples" / "alignment_rounds.py"), "--smoke", "--output_dir", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    command = ("alignment_rounds.py", "--smoke", "--output_dir", str(tmp_path))
+    run_example(*command)
     (run,) = json.loads((tmp_path / "results.json").read_text())
     assert run["seed"] == 0 and run["steps_per_round"] == 2 and run["eval_seeds"] == [10_001]
     assert run["pairs_round1"] > 0 and run["pairs_round2"] > 0
@@ -174,6 +168,6 @@ def test_alignment_rounds_smoke(tmp_path):
     for lora in ("lora1", "lora2", "lora1_long"):
         assert (tmp_path / "work" / "seed0" / lora / "pytorch_lora_weights.safetensors").is_file()
     assert "| 0 |" in (tmp_path / "table.md").read_text()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "seed 0: done earlier, kept" in again.stdout, again.stderr[-3000:]
+    again = run_example(*command)
+    assert "seed 0: done earlier, kept" in again.stdout, again.stdout[-3000:]
     assert len(json.loads((tmp_path / "results.json").read_text())) == 1

@@ -403,6 +403,8 @@ def env(argv: list[str]) -> None:
         "accelerate",
         "bitsandbytes",
         "datasets",
+        "huggingface_hub",
+        "deepspeed",
         "av",
     ):
         try:
@@ -413,6 +415,14 @@ def env(argv: list[str]) -> None:
     lines["CUDA version"] = str(torch.version.cuda)
     if torch.cuda.is_available():
         lines["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    # As `trl env`: the default `accelerate launch` settings, which decide how a multi-GPU run is split.
+    from accelerate.commands.config import default_config_file, load_config_from_file
+
+    if os.path.isfile(default_config_file):
+        settings = load_config_from_file(default_config_file).to_dict()
+        lines["accelerate config"] = "".join(f"\n    - {key}: {value}" for key, value in settings.items())
+    else:
+        lines["accelerate config"] = "not found (`accelerate config` writes one)"
     width = max(map(len, lines))
     print("\n".join(f"- {k.ljust(width)}: {v}" for k, v in lines.items()))
 
