@@ -9,6 +9,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 import vipo_trl.trainer.cache_builder as cache_module
+import vipo_trl.trainer.poly_dpo_trainer as trainer_module
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer, build_latent_cache
 from vipo_trl.data import LatentCacheDataset, PreferenceDataError, read_manifest
 from vipo_trl.testing import pickapic_dataset
@@ -162,3 +163,37 @@ def test_cache_of_a_flow_family_with_pooled_embeddings(tmp_path):
     assert all(np.isfinite(losses(trainer)))
     assert_every_lora_b_moved(trainer.model, before)
     assert json.loads(json.dumps(read_manifest(cache)))["settings"]["max_sequence_length"] == 8
+
+
+def test_empty_prompts_from_the_cache_are_those_of_training_on_raw_pairs(tmp_path, tiny_sd_path, monkeypatch):
+    data = pickapic_dataset(6)
+    args = config(tmp_path, proportion_empty_prompts=0.5)
+    cache = build_latent_cache(tiny_sd_path, data, tmp_path / "cache", args, batch_size=3)
+    raw = PolyDPOTrainer(tiny_sd_path, args, data, peft_config=lora())
+    cached = PolyDPOTrainer(tiny_sd_path, args, cache, peft_config=lora())
+    assert cached.family.pipeline.text_encoder is None  # the empty prompt comes from the cache
+    torch.testing.assert_close(cached.empty_prompt, raw.family.empty_prompt_conditioning())
+    rows = list(range(6))
+    raw_batch = raw._prepare_inputs(raw.data_collator([raw.train_dataset[i] for i in rows]))
+    cached_batch = cached._prepare_inputs(cached.data_collator([cached.train_dataset[i] for i in rows]))
+    for salt in (0, 1):  # steps with different pairs drawn
+        with torch.no_grad():
+            raw_errors = raw.denoising_errors(raw.model, raw_batch, salt=salt)
+            cached_errors = cached.denoising_errors(cached.model, cached_batch, salt=salt)
+        torch.testing.assert_close(cached_errors.policy_chosen, raw_errors.policy_chosen, rtol=1e-6, atol=1e-7)
+        empty, raw.empty_prompt = raw.empty_prompt, None
+        with torch.no_grad():
+            every_prompt = raw.denoising_errors(raw.model, raw_batch, salt=salt)
+        raw.empty_prompt = empty
+        assert not torch.allclose(every_prompt.policy_chosen, raw_errors.policy_chosen)  # some pairs were drawn
+
+    # A cache built before the empty prompt was stored: refused before any model loads, naming the fix; running
+    # the same build again adds it without encoding a pair again.
+    (tmp_path / "cache" / "empty_prompt.safetensors").unlink()
+    monkeypatch.setattr(trainer_module, "load_family", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(PreferenceDataError, match="no empty_prompt.safetensors.*again with the same arguments"):
+        PolyDPOTrainer(tiny_sd_path, args, cache, peft_config=lora())
+    monkeypatch.undo()
+    monkeypatch.setattr(cache_module, "encode_for_cache", lambda *a, **k: pytest.fail("re-encoded a pair"))
+    build_latent_cache(tiny_sd_path, data, tmp_path / "cache", args, batch_size=3)
+    torch.testing.assert_close(LatentCacheDataset(cache).empty_prompt_conditioning(), cached.empty_prompt)

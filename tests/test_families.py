@@ -245,3 +245,71 @@ def test_per_row_noise_is_drawn_from_each_rows_generator_and_reaches_the_device_
         noise = randn_like_rows(device_side, [torch.Generator().manual_seed(s) for s in (7, 1)])
     assert (noise.device.type, noise.dtype) == ("meta", torch.bfloat16)
     assert copies.calls == [{"dtype": torch.bfloat16, "device": torch.device("meta"), "non_blocking": True}]
+
+
+def pipeline_unconditional(name, pipe, prompt):
+    """(prompt embeddings, what the pipeline's classifier-free guidance uses with no negative prompt), as our keys."""
+    if name == "sd":
+        pos, neg = pipe.encode_prompt(prompt, "cpu", 1, True)
+        return {"encoder_hidden_states": pos}, {"encoder_hidden_states": neg}
+    if name == "sdxl":
+        pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=True)
+        return {"encoder_hidden_states": pos, "text_embeds": pooled}, {
+            "encoder_hidden_states": neg,
+            "text_embeds": neg_pooled,
+        }
+    if name == "sd3":
+        pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt, prompt, prompt, device="cpu", do_classifier_free_guidance=True, max_sequence_length=8
+        )
+        return {"encoder_hidden_states": pos, "pooled_projections": pooled}, {
+            "encoder_hidden_states": neg,
+            "pooled_projections": neg_pooled,
+        }
+    if name == "flux":  # FluxPipeline guides (true CFG) only against a negative prompt given; "" stands for none
+        pos, pooled, _ = pipe.encode_prompt(prompt, prompt, device="cpu", max_sequence_length=8)
+        neg, neg_pooled, _ = pipe.encode_prompt("", "", device="cpu", max_sequence_length=8)
+        return {"encoder_hidden_states": pos, "pooled_projections": pooled}, {
+            "encoder_hidden_states": neg,
+            "pooled_projections": neg_pooled,
+        }
+    pos, neg = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=True, max_sequence_length=8)
+    return {"encoder_hidden_states": pos}, {"encoder_hidden_states": neg}
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+@pytest.mark.parametrize("name", [f.name for f in FAMILIES])
+def test_the_empty_prompt_is_what_the_pipelines_guidance_conditions_on(tmp_path, family_paths, name, force_zeros):
+    """`proportion_empty_prompts` trains the unconditional branch that inference guides from: the pipeline's own
+    negative conditioning with no negative prompt (SDXL: zeros under force_zeros_for_empty_prompt, else "")."""
+    if name != "sdxl" and not force_zeros:
+        pytest.skip("force_zeros_for_empty_prompt is an SDXL pipeline setting")
+    family = load_family(family_paths[name], options=make_config(tmp_path, BY_NAME[name]).diffusion_options())
+    if name == "sdxl":
+        family.pipeline.register_to_config(force_zeros_for_empty_prompt=force_zeros)
+    prompt_embeds, expected = pipeline_unconditional(name, family.pipeline, "a red square")
+    ours = family.empty_prompt_conditioning()
+    ours_prompt = family.encode_prompts(["a red square"])
+    assert set(ours) == set(expected) == set(ours_prompt)
+    for key in expected:
+        torch.testing.assert_close(ours_prompt[key], prompt_embeds[key])
+        torch.testing.assert_close(ours[key], expected[key])
+        assert not torch.equal(ours[key], ours_prompt[key])
+    assert (name == "sdxl" and force_zeros) == all(not v.any() for v in ours.values())
+
+
+def test_sdxl_empty_prompts_keep_each_pairs_size_and_crop_ids(tmp_path, family_paths):
+    family = BY_NAME["sdxl"]
+    config = make_config(tmp_path, family, proportion_empty_prompts=0.999)
+    trainer = PolyDPOTrainer(family_paths["sdxl"], config, pickapic_dataset(2))
+    batch = {
+        "prompts": ["a red square", "a blue circle"],
+        "pixel_values_chosen": torch.zeros(2, 3, 16, 16),
+        "original_sizes": [(40, 30), (16, 16)],
+        "crop_top_lefts": [(5, 0), (0, 0)],
+    }
+    conditioning = trainer.family.encode_conditioning(batch)
+    dropped = trainer._drop_prompts(conditioning, [0, 1], salt=0)
+    torch.testing.assert_close(dropped["time_ids"], conditioning["time_ids"])
+    for key in ("encoder_hidden_states", "text_embeds"):
+        assert torch.equal(dropped[key], torch.zeros_like(conditioning[key]))  # the tiny SDXL forces zeros

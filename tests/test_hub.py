@@ -98,6 +98,10 @@ def test_card_metadata_names_hub_ids_only(tmp_path, tiny_sd_path, monkeypatch):
     (tmp_path / "pairs.parquet").write_bytes(b"")
     for local in (str(tmp_path / "pairs.parquet"), "my data/with spaces"):
         assert build_model_card(trainer, "alice/x", local).data.datasets is None
+    # A training setting away from its default that changes what was learnt is on the card; at its default it is not.
+    assert "empty prompts" not in str(card)
+    trainer.args.proportion_empty_prompts = 0.1
+    assert "| empty prompts (share of pairs) | 0.1 |" in str(build_model_card(trainer, "alice/x", None))
 
 
 @pytest.mark.parametrize(

@@ -323,6 +323,44 @@ def test_pair_noise_depends_on_the_row_not_the_batch(tmp_path, tiny_sd_path):
     assert not torch.allclose(e_alone.policy_chosen, e_other_step.policy_chosen)
 
 
+def test_empty_prompts_replace_the_drawn_pairs_prompts_for_policy_and_reference(tmp_path, tiny_sd_path):
+    args = config(tmp_path, proportion_empty_prompts=0.5)
+    trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(8), peft_config=lora())
+    family, data, collate = trainer.family, trainer.train_dataset, trainer.data_collator
+    empty = trainer.empty_prompt["encoder_hidden_states"][0]
+    seen = []  # the prompt embeddings of each forward: the reference's, then the policy's
+    predict = family.predict
+    family.predict = lambda net, x, t, cond, dtype: (
+        seen.append(cond["encoder_hidden_states"]) or predict(net, x, t, cond, dtype)
+    )
+
+    def dropped_rows(rows, salt):
+        batch = trainer._prepare_inputs(collate([data[i] for i in rows]))
+        prompts = family.encode_prompts(batch["prompts"])["encoder_hidden_states"]
+        seen.clear()
+        with torch.no_grad():
+            trainer.denoising_errors(trainer.model, batch, salt)
+        reference, policy = seen
+        assert torch.equal(reference, policy)
+        chosen, rejected = policy.chunk(2)
+        assert torch.equal(chosen, rejected)  # both images of a pair lose their prompt together
+        dropped = []
+        for row, embeds, prompt in zip(batch["row_index"], chosen, prompts):
+            if torch.equal(embeds, empty):
+                dropped.append(row)
+            else:
+                torch.testing.assert_close(embeds, prompt)
+        return dropped
+
+    drawn = {salt: dropped_rows(range(8), salt) for salt in range(6)}
+    assert 0.3 < sum(map(len, drawn.values())) / 48 < 0.7
+    assert len({tuple(rows) for rows in drawn.values()}) > 1  # drawn afresh each step
+    assert dropped_rows(range(8), salt=-1) == []  # evaluation keeps every prompt
+    # The draw belongs to the row and the step, not to the batch it lands in (nor to a resume).
+    for salt, rows in drawn.items():
+        assert dropped_rows([5], salt) == ([5] if 5 in rows else [])
+
+
 def test_v_prediction_target_is_the_velocity(tmp_path, tiny_sd_v_path):
     trainer = PolyDPOTrainer(tiny_sd_v_path, config(tmp_path), pickapic_dataset(4), peft_config=lora())
     family = trainer.family
@@ -419,6 +457,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_sd_path):
             center_crop=False,
             random_flip=True,
             poly_alpha=0.5,
+            proportion_empty_prompts=0.5,  # its draw must be a resume's too
         )
         recorder = StepRecorder()
         trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(6), peft_config=lora(), callbacks=[recorder])

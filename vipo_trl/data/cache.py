@@ -4,6 +4,7 @@ Layout of a cache folder:
 
     manifest.json              model, revision, resolution, preprocessing, shards, counts; `complete` when done
     shard-00000.safetensors    per pair: row_index, latent_mean/std of chosen and rejected, cond.<key> embeddings
+    empty_prompt.safetensors   the conditioning of no prompt, for `proportion_empty_prompts`
 
 What is fixed at cache time: the resize, the crop and the flip (those of epoch 0, drawn from the same per-row seed
 as training on raw data uses) and the prompt embeddings. What stays random at training time: the VAE latent sample
@@ -21,12 +22,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.utils.data import Dataset as TorchDataset
 
 from .images import PreferenceDataError
 
 MANIFEST_NAME = "manifest.json"
 CACHE_FORMAT_VERSION = 1
+EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 LATENT_KEYS = ("latent_mean_chosen", "latent_std_chosen", "latent_mean_rejected", "latent_std_rejected")
 
 
@@ -81,6 +84,17 @@ class LatentCacheDataset(TorchDataset):
             self.shards.append(_Shard(file, offset, shard["num_pairs"], categories, bucket))
             offset += shard["num_pairs"]
         self._open: dict[str, Any] = {}
+
+    def empty_prompt_conditioning(self) -> dict[str, torch.Tensor]:
+        """The conditioning of no prompt the cache was built with (one row; see `proportion_empty_prompts`)."""
+        path = os.path.join(self.path, EMPTY_PROMPT_NAME)
+        if not os.path.isfile(path):
+            raise PreferenceDataError(
+                f"The latent cache in {self.path} has no {EMPTY_PROMPT_NAME} (it was built by an older vipo-trl), "
+                "which proportion_empty_prompts needs: run build_latent_cache (or `vipo-trl cache`) on it again with "
+                "the same arguments to add it (nothing else is re-encoded), or set proportion_empty_prompts=0."
+            )
+        return load_file(path)
 
     def __len__(self) -> int:
         return self.manifest["num_pairs"]

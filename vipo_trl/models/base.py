@@ -190,10 +190,22 @@ class DiffusionFamily(ABC):
     # ---------------------------------------------------------------- the training step
 
     @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The prompt embeddings the denoiser reads, with the pipeline's own `encode_prompt`: a dict of tensors whose
+        first dimension is `len(prompts)`. Called without gradients."""
+
     def encode_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Conditioning of each pair, from the collated batch (`prompts`, `original_sizes`, `crop_top_lefts`,
         `pixel_values_chosen`): a dict of tensors whose first dimension is the number of pairs B. The trainer repeats
-        it for the pair layout `[chosen..., rejected...]`; a latent cache stores it. Called without gradients."""
+        it for the pair layout `[chosen..., rejected...]`; a latent cache stores it. Called without gradients. The
+        prompt embeddings, unless the family also conditions on the image's size (SDXL)."""
+        return self.encode_prompts(batch["prompts"])
+
+    def empty_prompt_conditioning(self) -> dict[str, torch.Tensor]:
+        """What the pipeline's classifier-free guidance conditions on for no prompt (one row, the `encode_prompts`
+        keys): the pairs `proportion_empty_prompts` draws train on it, so guidance keeps an unconditional prediction
+        to steer from. The encoded empty prompt, unless the pipeline uses zeros there (SDXL)."""
+        return self.encode_prompts([""])
 
     @torch.no_grad()
     def encode_latent_distribution(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

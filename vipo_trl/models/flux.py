@@ -37,10 +37,10 @@ class FluxFamily(FlowMatchingObjective, DiffusionFamily):
         return {"image_encoder": None, "feature_extractor": None}
 
     @torch.no_grad()
-    def encode_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = self.pipeline.encode_prompt(
-            batch["prompts"],
-            batch["prompts"],
+            prompts,
+            prompts,
             device=self.device,
             num_images_per_prompt=1,
             **self.sequence_length_kwargs(),

@@ -35,9 +35,9 @@ class StableDiffusionFamily(UNetLoraKeys, DDPMObjective, DiffusionFamily):
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     @torch.no_grad()
-    def encode_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _ = self.pipeline.encode_prompt(
-            batch["prompts"], self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         return {"encoder_hidden_states": embeds}
 

@@ -38,8 +38,7 @@ class StableDiffusion3Family(FlowMatchingObjective, DiffusionFamily):
         return {"text_encoder_3": None, "tokenizer_3": None} if options.drop_t5_text_encoder else {}
 
     @torch.no_grad()
-    def encode_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        prompts = batch["prompts"]
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompts,
             prompts,

@@ -34,23 +34,37 @@ class StableDiffusionXLFamily(UNetLoraKeys, DDPMObjective, DiffusionFamily):
         self._init_ddpm(pipeline.scheduler.config)
 
     @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+
+    @torch.no_grad()
     def encode_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         pipe = self.pipeline
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            batch["prompts"], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
+        conditioning = self.encode_prompts(batch["prompts"])
+        dtype = conditioning["encoder_hidden_states"].dtype
         height, width = batch["pixel_values_chosen"].shape[-2:]
         projection_dim = pipe.text_encoder_2.config.projection_dim
         time_ids = torch.cat(
             [
                 pipe._get_add_time_ids(
-                    tuple(size), tuple(crop), (height, width), embeds.dtype, text_encoder_projection_dim=projection_dim
+                    tuple(size), tuple(crop), (height, width), dtype, text_encoder_projection_dim=projection_dim
                 )
                 for size, crop in zip(batch["original_sizes"], batch["crop_top_lefts"])
             ]
         )
-        time_ids = to_device(time_ids, self.device)
-        return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
+        conditioning["time_ids"] = to_device(time_ids, self.device)
+        return conditioning
+
+    def empty_prompt_conditioning(self) -> dict[str, torch.Tensor]:
+        # With no negative prompt the SDXL pipelines guide against zeros (force_zeros_for_empty_prompt, on for the
+        # SDXL base model), not against the encoded empty prompt.
+        empty = self.encode_prompts([""])
+        if self.pipeline.config.get("force_zeros_for_empty_prompt", False):
+            empty = {key: torch.zeros_like(value) for key, value in empty.items()}
+        return empty
 
     def predict(self, network: nn.Module, noisy_input, timesteps, conditioning, dtype) -> torch.Tensor:
         added = {"text_embeds": conditioning["text_embeds"].to(dtype), "time_ids": conditioning["time_ids"].to(dtype)}

@@ -51,9 +51,9 @@ class WanFamily(FlowMatchingObjective, DiffusionFamily):
         return (latents - latents_mean) / latents_std
 
     @torch.no_grad()
-    def encode_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _ = self.pipeline.encode_prompt(
-            batch["prompts"],
+            prompts,
             do_classifier_free_guidance=False,
             num_videos_per_prompt=1,
             device=self.device,

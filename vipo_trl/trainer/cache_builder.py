@@ -13,7 +13,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..data import PreferenceCollator, PreferenceDataError, PreferencePairs, pairs_from_options
-from ..data.cache import CACHE_FORMAT_VERSION, LATENT_KEYS, MANIFEST_NAME, read_manifest, write_json_atomic
+from ..data.cache import (
+    CACHE_FORMAT_VERSION,
+    EMPTY_PROMPT_NAME,
+    LATENT_KEYS,
+    MANIFEST_NAME,
+    read_manifest,
+    write_json_atomic,
+)
 from ..models import DiffusionFamily, load_family
 from .poly_dpo_config import PolyDPOConfig
 
@@ -74,14 +81,16 @@ def build_latent_cache(
     settings = cache_settings(args, family, model_name)
     manifest_path = os.path.join(output_dir, MANIFEST_NAME)
     manifest: dict[str, Any] = {"settings": settings, "shards": [], "num_pairs": 0, "skipped": {}, "complete": False}
-    if os.path.isfile(manifest_path):
-        previous = read_manifest(output_dir)
-        if previous.get("settings") != settings:
-            changes = _diff(previous.get("settings", {}), settings)
-            raise PreferenceDataError(
-                f"{output_dir} holds a cache made with other settings ({changes}). Use another output_dir, or delete "
-                "the folder to rebuild it."
-            )
+    previous = read_manifest(output_dir) if os.path.isfile(manifest_path) else None
+    if previous is not None and previous.get("settings") != settings:
+        changes = _diff(previous.get("settings", {}), settings)
+        raise PreferenceDataError(
+            f"{output_dir} holds a cache made with other settings ({changes}). Use another output_dir, or delete "
+            "the folder to rebuild it."
+        )
+    # Written first, so a cache built by an older version gains it by running the same build again.
+    _write_empty_prompt(family, output_dir, getattr(torch, args.cache_dtype))
+    if previous is not None:
         if previous.get("complete"):
             return str(output_dir)
         manifest = previous
@@ -168,6 +177,16 @@ def encode_for_cache(family: Any, batch: dict[str, Any], dtype: torch.dtype) -> 
     out = {k: v.detach().to("cpu", dtype) for k, v in out.items()}
     out["row_index"] = torch.tensor(batch["row_index"], dtype=torch.int64)
     return out
+
+
+def _write_empty_prompt(family: Any, output_dir: str | os.PathLike, dtype: torch.dtype) -> None:
+    """What `proportion_empty_prompts` trains on, for a run from this cache that loads no text encoder."""
+    path = os.path.join(output_dir, EMPTY_PROMPT_NAME)
+    if os.path.isfile(path):
+        return
+    empty = {k: v.detach().to("cpu", dtype).contiguous() for k, v in family.empty_prompt_conditioning().items()}
+    save_file(empty, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:

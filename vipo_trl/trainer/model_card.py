@@ -213,6 +213,7 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
         "learning rate": args.learning_rate,
         "batch (per device x accumulation)": f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}",
         "resolution": args.resolution,
+        **({"empty prompts (share of pairs)": args.proportion_empty_prompts} if args.proportion_empty_prompts else {}),
         "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
     }
     logged = [h for h in trainer.state.log_history if "loss" in h]

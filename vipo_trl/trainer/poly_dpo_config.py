@@ -120,6 +120,12 @@ class PolyDPOConfig(TrainingArguments):
             Crop at the centre; `False` crops at a random position (the same for both images of a pair).
         random_flip (`bool`, *optional*, defaults to `True`):
             Flip both images of a pair horizontally together with probability 0.5.
+        proportion_empty_prompts (`float`, *optional*, defaults to `0.0`):
+            Share of training pairs whose prompt is replaced by no prompt, for both images of the pair and the
+            reference alike, as diffusers' training scripts do: the model keeps learning the unconditional prediction
+            that classifier-free guidance steers from. "No prompt" is what the pipeline's guidance uses: the encoded
+            empty prompt, or zeros for SDXL (`force_zeros_for_empty_prompt`). Drawn per pair from `seed`, the step
+            and the row (a resumed run draws the same); never in evaluation. Works from a latent cache too.
 
         > Parameters that control validation images
 
@@ -214,6 +220,7 @@ class PolyDPOConfig(TrainingArguments):
     aspect_ratio_buckets: str | None = None
     center_crop: bool = True
     random_flip: bool = True
+    proportion_empty_prompts: float = 0.0
 
     # Validation
     validation_prompts: list[str] | None = None
@@ -320,6 +327,12 @@ class PolyDPOConfig(TrainingArguments):
             "must be None or > 0",
         )
         _require(self.cache_dtype in _DTYPES, "cache_dtype", self.cache_dtype, f"must be one of {_DTYPES}")
+        _require(
+            0 <= self.proportion_empty_prompts < 1,
+            "proportion_empty_prompts",
+            self.proportion_empty_prompts,
+            "must be in [0, 1): the share of pairs trained without their prompt (e.g. 0.1)",
+        )
         _require(self.validation_steps >= 1, "validation_steps", self.validation_steps, "must be >= 1")
         _require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")
         _require(

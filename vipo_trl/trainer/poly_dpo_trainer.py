@@ -63,7 +63,8 @@ CATEGORY_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
 
 def _check_data_before_loading(train_dataset: Any, eval_dataset: Any, args: PolyDPOConfig) -> None:
     """What the datasets alone can tell, raised before a model of many GB is loaded: a `DatasetDict` passed whole as
-    the training set, columns the schema needs but the data lacks, and a stream with no `max_steps`."""
+    the training set, columns the schema needs but the data lacks, a stream with no `max_steps`, and a latent cache
+    without the empty prompt `proportion_empty_prompts` needs."""
     if train_dataset is not None and args.max_steps <= 0 and not isinstance(train_dataset, (Sized, str, os.PathLike)):
         raise ValueError(
             "train_dataset is a stream (it has no length), so num_train_epochs cannot say when to stop: set "
@@ -88,6 +89,9 @@ def _check_data_before_loading(train_dataset: Any, eval_dataset: Any, args: Poly
                 options.columns_of(columns)
             except PreferenceDataError as exc:
                 raise PreferenceDataError(f"{name}: {exc}") from None
+    if args.proportion_empty_prompts and is_latent_cache(train_dataset):
+        # A cache built by an older version holds no empty prompt: refused, naming the fix.
+        LatentCacheDataset(train_dataset).empty_prompt_conditioning()
 
 
 def _check_processes_train_together(args: PolyDPOConfig) -> None:
@@ -231,6 +235,12 @@ class PolyDPOTrainer(Trainer):
                 ValidationImagesCallback(self, args.validation_prompts, args.validation_steps, seed=args.seed)
             )
         self.family.to(self.accelerator.device)
+        #: What a pair drawn by `proportion_empty_prompts` is conditioned on (one row), or None.
+        self.empty_prompt: dict[str, torch.Tensor] | None = None
+        if args.proportion_empty_prompts:
+            source = train_pairs if isinstance(train_pairs, LatentCacheDataset) else self.family
+            empty = source.empty_prompt_conditioning()
+            self.empty_prompt = {k: v.to(self.accelerator.device) for k, v in empty.items()}
         if self.ref_denoiser is not None:
             self.ref_denoiser = self._prepare_reference(self.ref_denoiser)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
@@ -403,6 +413,8 @@ class PolyDPOTrainer(Trainer):
             pixels = torch.cat([inputs[f"pixel_values_{side}"] for side in sides])
             latents = family.encode_images(pixels, generators * len(sides))
             conditioning = family.encode_conditioning(inputs)
+        if salt >= 0 and self.empty_prompt is not None:  # training only: evaluation keeps every prompt
+            conditioning = self._drop_prompts(conditioning, inputs["row_index"], salt)
         conditioning = {k: torch.cat([v] * len(sides)).to(device) for k, v in conditioning.items()}
         noise = randn_like_rows(latents[: len(generators)], generators)
         noise = torch.cat([noise] * len(sides))
@@ -434,6 +446,22 @@ class PolyDPOTrainer(Trainer):
             family.predict(model, noisy_input, timesteps, conditioning, policy_dtype)
         )
         return DenoisingErrors(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+
+    def _drop_prompts(
+        self, conditioning: dict[str, torch.Tensor], row_index: list[int], salt: int
+    ) -> dict[str, torch.Tensor]:
+        """`proportion_empty_prompts`: the drawn pairs' prompt embeddings replaced by those of no prompt. The draw,
+        like the noise, depends on (seed, step, row) alone; other keys (SDXL's size and crop ids) are kept."""
+        share = self.args.proportion_empty_prompts
+        drawn = [stable_seed(self.args.seed, "empty_prompt", salt, row) / 2**63 < share for row in row_index]
+        if not any(drawn):
+            return conditioning
+        conditioning = dict(conditioning)
+        for key, empty in self.empty_prompt.items():
+            value = conditioning[key]
+            mask = to_device(torch.tensor(drawn), value.device).view(-1, *[1] * (value.dim() - 1))
+            conditioning[key] = torch.where(mask, empty.to(value), value)
+        return conditioning
 
     def _unwrapped(self, model: nn.Module) -> tuple[nn.Module, torch.dtype]:
         """`model` without its DDP/FSDP/DeepSpeed wrapper (a compile wrapper kept) and that network's dtype, worked out
