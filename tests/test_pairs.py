@@ -483,3 +483,141 @@ def _prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("video\ta red clip\nvideo\ta blue clip\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- an existing set
+
+# Redness (red minus blue): A +180, B -180, C -170, D +180; greenness: A 150, B 40, C 220, D 20.
+A, B, C, D = (200, 150, 20), (20, 40, 200), (30, 220, 200), (210, 20, 30)
+
+
+def _existing_set():
+    """Four labelled pairs and an undecodable row: (A, B) both scorers agree with; (B, A) both contradict; (C, D)
+    and (D, C) the two scorers disagree on (weighted sum: D wins, 200 to 50)."""
+    from datasets import Dataset
+
+    from vipo_trl.testing import png_bytes
+
+    labelled = [(A, B), (B, A), (C, D), (D, C)]
+    return Dataset.from_dict(
+        {
+            "prompt": [f"pair {i}" for i in range(5)],
+            "chosen": [png_bytes(w) for w, _ in labelled] + [b"not an image"],
+            "rejected": [png_bytes(lo) for _, lo in labelled] + [png_bytes(A)],
+            "category": ["x", "x", "y", "y", "y"],
+        }
+    )
+
+
+def _colours(dataset):
+    """(chosen, rejected) of each row, as the nearest of A, B, C, D."""
+
+    def nearest(data):
+        mean = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32).mean((0, 1))
+        return min((A, B, C, D), key=lambda colour: float(np.abs(mean - np.array(colour)).sum()))
+
+    return [(nearest(row["chosen"]), nearest(row["rejected"])) for row in dataset]
+
+
+def _rescore(out, dataset=None, **kwargs):
+    from vipo_trl.eval import rescore_pairs
+
+    settings = dict(pairs_per_shard=2, progress=False)
+    settings.update(kwargs)
+    return rescore_pairs(dataset or _existing_set(), ["test_redness", "test_greenness"], out, **settings)
+
+
+def test_rescoring_keeps_the_labels_and_drops_the_pairs_the_scorers_contradict(tmp_path):
+    every = _rescore(tmp_path / "all")
+    assert _colours(every.dataset) == [(A, B), (B, A), (C, D), (D, C)]  # the labels, as they were
+    assert every.dataset["consistent"] == [True, False, False, False]
+    assert every.dataset["label_agrees"] == [True, False, False, True]  # the weighted sum's winner is the label's
+    assert every.dataset["source_row"] == [0, 1, 2, 3]
+    assert every.dataset["score_margin"][1] == pytest.approx(-470, abs=5)  # the label's margin, negative here
+    assert every.dataset["chosen_test_redness"][0] == pytest.approx(180, abs=3)
+    assert every.stats.skipped_rows == {"undecodable": 1} and every.stats.label_agreement == 0.5
+
+    consistent = _rescore(tmp_path / "consistent", filters=PairFilters(consistent_only=True))
+    assert _colours(consistent.dataset) == [(A, B)]
+    assert consistent.stats.candidate_pairs == 4 and consistent.stats.consistency == 0.25
+    card = (tmp_path / "consistent" / "README.md").read_text()
+    assert "keeping its labelled winner" in card and "| labels | dataset |" in card
+    assert "labelled winner in 50.0% of the candidate pairs" in card
+    assert "Source rows skipped as training would skip them: undecodable: 1." in card
+    assert "scorers_disagree: 3" in card
+
+
+def test_relabelling_lets_the_scorers_choose_each_winner(tmp_path):
+    relabelled = _rescore(tmp_path / "relabel", relabel=True)
+    assert _colours(relabelled.dataset) == [(A, B), (A, B), (D, C), (D, C)]
+    assert relabelled.dataset["consistent"] == [True, True, False, False]
+    assert relabelled.dataset["label_agrees"] == [True, False, False, True]
+    assert "keeping the scorers' winner" in (tmp_path / "relabel" / "README.md").read_text()
+    # all_agree keeps the pairs both scorers order alike; a margin drops the pairs the scorers barely tell apart
+    agreed = _rescore(tmp_path / "agree", relabel=True, combine="all_agree")
+    assert _colours(agreed.dataset) == [(A, B), (A, B)]
+    wide = _rescore(tmp_path / "margin", relabel=True, margin=160)  # combined margins: 470, 470, 150, 150
+    assert _colours(wide.dataset) == [(A, B), (A, B)] and wide.dataset["source_row"] == [0, 1]
+
+
+def test_rescoring_a_stream_resumes_and_a_changed_setting_is_refused(tmp_path, monkeypatch):
+    import vipo_trl.eval.rescore as rescore_module
+
+    whole = _rescore(tmp_path / "whole", relabel=True)
+    streamed = _rescore(tmp_path / "stream", _existing_set().to_iterable_dataset(), relabel=True)
+    assert streamed.dataset["chosen"] == whole.dataset["chosen"] and streamed.stats == whole.stats
+
+    real, calls, kill = rescore_module._rescored_rows, [], [True]
+
+    def killed_in_the_second_shard(*args, **kwargs):
+        calls.append(len(args[0]))
+        if len(calls) == 2 and kill and kill.pop():
+            raise KeyboardInterrupt  # once
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rescore_module, "_rescored_rows", killed_in_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _rescore(tmp_path / "killed", relabel=True)
+    calls.clear()
+    resumed = _rescore(tmp_path / "killed", relabel=True)
+    assert calls == [2, 0]  # the second shard (two pairs) and the third (the undecodable row); not the first
+    assert resumed.dataset["chosen"] == whole.dataset["chosen"] and resumed.stats == whole.stats
+    with pytest.raises(ValueError, match="other settings.*labels"):
+        _rescore(tmp_path / "killed", relabel=False)
+
+
+def test_rescoring_with_the_judge_alone(judge, tmp_path):
+    redder = lambda x, y: torch.sign(x[:, 0].mean((1, 2)) - y[:, 0].mean((1, 2)))  # noqa: E731
+    handle = _steer(judge, redder)
+    try:
+        from vipo_trl.eval import rescore_pairs
+
+        relabelled = rescore_pairs(_existing_set(), [judge], tmp_path / "j", relabel=True, progress=False)
+        kept = rescore_pairs(_existing_set(), [judge], tmp_path / "k", progress=False)  # judge_agrees by default
+    finally:
+        handle.remove()
+    assert _colours(relabelled.dataset) == [(A, B), (A, B), (D, C), (D, C)]  # redder wins, whatever the label
+    assert relabelled.dataset["label_agrees"] == [True, False, False, True]
+    assert _colours(kept.dataset) == [(A, B), (D, C)]  # the labels the judge confirms
+
+
+def test_pairs_command_rescores_an_existing_set(tmp_path, capsys):
+    from vipo_trl.cli.main import main
+    from vipo_trl.data import load_preference_dataset
+
+    _existing_set().to_parquet(str(tmp_path / "pairs.parquet"))
+    out = tmp_path / "out"
+    main(["pairs", "--dataset_name", str(tmp_path / "pairs.parquet"), "--scorers", "test_redness", "test_greenness",
+          "--consistent_only", "--output_dir", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "1 pairs (4 candidates; source rows skipped: 1 undecodable)" in printed
+    assert "prefer the labelled winner on 50.0%" in printed
+    assert _colours(load_preference_dataset(str(out))) == [(A, B)]
+    for extra in (["--samples_per_prompt", "3"], ["--model_name_or_path", "x"]):  # generation flags: refused
+        with pytest.raises(SystemExit) as exc:
+            main(["pairs", "--dataset_name", str(tmp_path / "pairs.parquet"), "--output_dir", str(out), *extra])
+        assert exc.value.code == 2
+        assert "scores the pairs an existing set already has" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pairs", "--relabel", "--output_dir", str(tmp_path / "x")])
+    assert "--relabel applies to the pairs of an existing set" in capsys.readouterr().err

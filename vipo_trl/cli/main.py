@@ -232,6 +232,11 @@ def pairs(argv: list[str]) -> None:
     (args,) = parser.parse(argv)
     if args.push_to_hub and not args.hub_dataset_id:
         raise CliError("--push_to_hub needs --hub_dataset_id (e.g. you/my-pairs).")
+    if args.dataset_name:
+        return _rescore(args, parser.given)
+    for flag in ("relabel", "max_pairs", "pairs_per_shard", "dataset_schema", "chosen_column", "rejected_column"):
+        if flag in parser.given:
+            raise CliError(f"--{flag} applies to the pairs of an existing set: name it with --dataset_name.")
     if args.lora:
         checks.check_aligned(args.lora)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -318,6 +323,77 @@ def pairs(argv: list[str]) -> None:
             "(the samples came from base + LoRA: for a next round with that model as the reference, see the Rounds "
             "section of docs/pairs.md)"
         )
+
+
+#: `vipo-trl pairs` flags that shape generation, which scoring an existing set's pairs has none of.
+GENERATION_FLAGS = (
+    "model_name_or_path", "lora", "prompts", "num_prompts", "samples_per_prompt", "pairing", "num_inference_steps",
+    "guidance_scale", "batch_size", "prompts_per_shard", "pipeline_kwargs",
+)  # fmt: skip
+
+
+def _rescore(args: Any, given: set[str]) -> None:
+    """`vipo-trl pairs --dataset_name`: an existing set's pairs scored again, kept or relabelled, filtered, written."""
+    import torch
+
+    from ..data import DataOptions, load_preference_dataset
+    from ..data.pairing import PairFilters
+    from ..eval import get_scorer, rescore_pairs
+    from ..eval.evaluate import resolve_scorers
+    from . import checks
+
+    mixed = [f"--{flag}" for flag in GENERATION_FLAGS if flag in given]
+    if mixed:
+        raise CliError(
+            f"{', '.join(mixed)} shape(s) generating new samples; --dataset_name scores the pairs an existing set "
+            "already has: drop one or the other."
+        )
+    checks.check_dataset_name(args.dataset_name)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = DataOptions(
+        **{k: getattr(args, k) for k in ("dataset_schema", "prompt_column", "chosen_column", "rejected_column")},
+        category_column=args.category_column,
+        seed=args.seed,
+    )
+    try:
+        dataset = load_preference_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
+        scorers = resolve_scorers(args.scorers or ["pickscore", "hpsv2", "imagereward"], device=device)
+        if args.judge_model:
+            scorers.append(get_scorer("vlm_judge", model=args.judge_model, aspect=args.judge_aspect, device=device))
+        result = rescore_pairs(
+            dataset,
+            scorers,
+            args.output_dir,
+            options=options,
+            relabel=args.relabel,
+            combine=args.combine,
+            weights=args.weights,
+            margin=args.margin,
+            filters=PairFilters(
+                consistent_only=args.consistent_only,
+                max_margin=args.max_margin,
+                balance=args.balance_categories,
+                seed=args.seed,
+            ),
+            max_pairs=args.max_pairs,
+            pairs_per_shard=args.pairs_per_shard,
+            describe={"source": args.dataset_name, "split": args.dataset_train_split},
+            push_to_hub=args.hub_dataset_id if args.push_to_hub else None,
+        )
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    stats = result.stats
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.skipped_rows.items()))
+    print(
+        f"{stats.pairs} pairs ({stats.candidate_pairs} candidates"
+        + (f"; source rows skipped: {skipped}" if skipped else "")
+        + f") written to {result.output_dir / 'data'}"
+    )
+    if stats.label_agreement is not None:
+        print(f"the scorers prefer the labelled winner on {100 * stats.label_agreement:.1f}% of the candidate pairs")
+    if stats.consistency is not None:
+        print(f"every scorer agrees on {100 * stats.consistency:.1f}% of the candidate pairs")
+    print(f"dataset card: {result.output_dir / 'README.md'}")
 
 
 def _train_command(model: str | None, pairs_dir: Any, dataset: Any, generator: str) -> str:

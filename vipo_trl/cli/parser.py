@@ -108,11 +108,39 @@ class PairsArguments:
             "--prompt_column to use; default: builtin, or the scene prompts for the embedded model."
         },
     )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Score an existing preference set's pairs again instead of generating (hub id, data file, "
+            "folder; either schema): its labels are kept (--consistent_only keeps the pairs every scorer agrees "
+            "with), or chosen by the scorers with --relabel."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to score."})
+    dataset_schema: Literal["auto", "pickapic", "generic"] = field(
+        default="auto", metadata={"help": "Schema of --dataset_name: auto, pickapic or generic."}
+    )
+    chosen_column: str = field(default="chosen", metadata={"help": "Chosen image column of --dataset_name."})
+    rejected_column: str = field(default="rejected", metadata={"help": "Rejected image column of --dataset_name."})
+    relabel: bool = field(
+        default=False,
+        metadata={"help": "With --dataset_name: the scorers' combined score picks each winner (AI feedback)."},
+    )
+    max_pairs: int | None = field(default=None, metadata={"help": "With --dataset_name: score its first N rows."})
+    pairs_per_shard: int = field(
+        default=256, metadata={"help": "With --dataset_name: rows per shard file (the unit of resuming)."}
+    )
     prompt_column: str | None = field(
         default=None,
-        metadata={"help": "Prompt column when --prompts is a dataset; unset: caption or prompt, whichever it has."},
+        metadata={
+            "help": "Prompt column of --prompts or --dataset_name when a dataset; unset: caption or prompt, whichever "
+            "it has."
+        },
     )
-    category_column: str | None = field(default=None, metadata={"help": "Category column when --prompts is a dataset."})
+    category_column: str | None = field(
+        default=None, metadata={"help": "Category column of --prompts or --dataset_name when a dataset."}
+    )
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     scorers: list[str] | None = field(
         default=None,

@@ -128,6 +128,8 @@ class PairsStats:
     margin: dict[str, float] = field(default_factory=dict)
     consistency: float | None = None
     judge_confirmed: float | None = None
+    label_agreement: float | None = None  # rescored sets: the share of candidates whose winner is the dataset's
+    skipped_rows: dict[str, int] = field(default_factory=dict)  # rescored sets: source rows skipped, by reason
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +140,9 @@ def apply_filters(rows: list[dict[str, Any]], filters: PairFilters) -> tuple[lis
     stats = PairsStats(candidate_pairs=len(rows))
     if rows:
         stats.consistency = sum(bool(r["consistent"]) for r in rows) / len(rows)
+        labelled = [r for r in rows if r.get("label_agrees") is not None]
+        if labelled:
+            stats.label_agreement = sum(bool(r["label_agrees"]) for r in labelled) / len(labelled)
         judged = [r for r in rows if r.get("judge") is not None]
         if judged:
             stats.judge_confirmed = sum(r["judge"] > 0 for r in judged) / len(judged)
@@ -296,8 +301,14 @@ def dataset_card(stats: PairsStats, settings: dict[str, Any], filters: PairFilte
         "# Preference pairs made with vipo-trl",
         "",
         f"{stats.pairs} pairs in the generic schema (`prompt`, `chosen`, `rejected`, scores, `category`), made by "
-        "generating several samples per prompt, scoring them and pairing them (`vipo-trl pairs`). Train on it with "
-        "`vipo-trl train --dataset_name <this repo>`.",
+        + (
+            f"scoring both images of every pair of {settings['source']} again and keeping "
+            + ("the scorers' winner" if settings.get("labels") == "scorers" else "its labelled winner")
+            + " (`vipo-trl pairs --dataset_name`)."
+            if settings.get("source")
+            else "generating several samples per prompt, scoring them and pairing them (`vipo-trl pairs`)."
+        )
+        + " Train on it with `vipo-trl train --dataset_name <this repo>`.",
         "",
         "## Pairs per category",
         "",
@@ -319,6 +330,14 @@ def dataset_card(stats: PairsStats, settings: dict[str, Any], filters: PairFilte
             f"Consistency: {100 * stats.consistency:.1f}% of the {stats.candidate_pairs} candidate pairs are ordered "
             "the same way by every scorer."
         )
+    if stats.label_agreement is not None:
+        lines.append(
+            f"The winner is the source set's labelled winner in {100 * stats.label_agreement:.1f}% of the candidate "
+            "pairs."
+        )
+    if stats.skipped_rows:
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped_rows.items()))
+        lines.append(f"Source rows skipped as training would skip them: {skipped}.")
     if stats.judge_confirmed is not None:
         lines.append(f"Pairwise judge: confirmed {100 * stats.judge_confirmed:.1f}% of the judged candidate pairs.")
     removed = ", ".join(f"{k}: {v}" for k, v in stats.removed.items() if v) or "none"

@@ -430,3 +430,20 @@ def pairs_from_options(
     buckets = resolve_buckets(options.aspect_ratio_buckets, options.resolution, bucket_divisibility)
     resolved = dataclasses.replace(options, buckets=tuple(map(tuple, buckets)) if buckets else None)
     return preference_pairs(dataset, columns, resolved)
+
+
+def decoded_pairs(pairs: Any, rows: Sequence[int] | None = None) -> Iterator[dict[str, Any] | str]:
+    """Each pair of `pairs` (from `pairs_from_options`) once, decoded as `load_pair` decodes it, or the reason a bad
+    row is skipped, without putting another row in its place (as training does); for a map-style set only `rows`
+    (indices into the dataset) when given. What `diagnose` and `rescore_pairs` read."""
+    if isinstance(pairs, PreferencePairs):
+        for row_index in pairs.rows if rows is None else rows:
+            try:
+                yield load_pair(pairs.dataset[row_index], row_index, pairs.columns, pairs.options)
+            except BadRow as bad:
+                yield bad.reason
+    else:  # a stream skips bad rows itself and reports them with the next pair
+        for item in pairs:
+            yield from (reason for _, reason in item.get("skipped", []))
+            yield item
+        yield from (reason for _, reason in pairs.trailing_skipped)  # bad rows after the last good one

@@ -1,5 +1,6 @@
 """Evaluation: reward scorers (images, videos, a pairwise judge), base-versus-aligned win rates, the preference-set
-diagnosis that suggests alpha, and `make_pairs`, which makes a preference set from a model's own samples."""
+diagnosis that suggests alpha, `make_pairs`, which makes a preference set from a model's own samples, and
+`rescore_pairs`, which judges an existing set's pairs again (keeping or replacing its labels)."""
 
 from ..data.prompts import BUILTIN_CATEGORIES, load_prompt_set
 from .diagnose import (
@@ -22,6 +23,7 @@ from .evaluate import (
 )
 from .judge import ASPECTS, PairwiseScorer, VLMJudge, order_consistent_verdict
 from .pairs import PairsResult, finish_pairs, make_pairs
+from .rescore import rescore_pairs
 from .scorers import (
     RewardScorer,
     available_scorers,
@@ -45,6 +47,7 @@ __all__ = [
     "for_videos",
     "load_prompt_set",
     "make_pairs",
+    "rescore_pairs",
     "order_consistent_verdict",
     "sample_frames",
     "BUILTIN_PROMPTS",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,12 +235,13 @@ def diagnose(
     to `output_dir` when given.
     """
     from ..data import DataOptions, pairs_from_options
+    from ..data.preference import decoded_pairs
 
     scorers = resolve_scorers(scorers, **({"device": device} if device else {}))
     pairs = pairs_from_options(dataset, options or DataOptions(), 1)
     chosen, rejected, prompts, categories = [], [], [], []
     skipped: Counter[str] = Counter()
-    for item in _decoded_pairs(pairs):
+    for item in decoded_pairs(pairs):
         if isinstance(item, str):
             skipped[item] += 1
             continue
@@ -290,24 +291,6 @@ def plot_diagnosis(report: Diagnosis, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _decoded_pairs(pairs: Any) -> Iterator[dict[str, Any] | str]:
-    """Each pair once, decoded, or the reason a bad row is skipped; no substitution of bad rows."""
-    from ..data.images import BadRow
-    from ..data.preference import PreferencePairs, load_pair
-
-    if isinstance(pairs, PreferencePairs):
-        for row_index in pairs.rows:
-            try:
-                yield load_pair(pairs.dataset[row_index], row_index, pairs.columns, pairs.options)
-            except BadRow as bad:
-                yield bad.reason
-    else:  # a stream skips bad rows itself and reports them with the next pair
-        for item in pairs:
-            yield from (reason for _, reason in item.get("skipped", []))
-            yield item
-        yield from (reason for _, reason in pairs.trailing_skipped)  # bad rows after the last good one
 
 
 def _first_frame(media: Any) -> Any:

@@ -200,6 +200,9 @@ def finish_pairs(
     settings = json.loads((folder.path / "pairs_settings.json").read_text())
     rows = folder.read_shards()
     kept, stats = _apply_filters_or_explain(rows, filters or PairFilters())
+    for path in sorted((folder.path / "shards").glob("skipped-*.json")):  # written by rescore_pairs
+        for reason, count in json.loads(path.read_text()).items():
+            stats.skipped_rows[reason] = stats.skipped_rows.get(reason, 0) + count
     if kept:
         from ..data.video import looks_like_video
 
