@@ -612,6 +612,7 @@ def test_pairs_command_rescores_an_existing_set(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "1 pairs (4 candidates; source rows skipped: 1 undecodable)" in printed
     assert "prefer the labelled winner on 50.0%" in printed
+    assert f"train on it: vipo-trl train --model_name_or_path MODEL --dataset_name {out} --use_peft" in printed
     assert _colours(load_preference_dataset(str(out))) == [(A, B)]
     for extra in (["--samples_per_prompt", "3"], ["--model_name_or_path", "x"]):  # generation flags: refused
         with pytest.raises(SystemExit) as exc:

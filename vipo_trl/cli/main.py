@@ -394,6 +394,7 @@ def _rescore(args: Any, given: set[str]) -> None:
     if stats.consistency is not None:
         print(f"every scorer agrees on {100 * stats.consistency:.1f}% of the candidate pairs")
     print(f"dataset card: {result.output_dir / 'README.md'}")
+    print(f"train on it: vipo-trl train --model_name_or_path MODEL --dataset_name {result.output_dir} --use_peft")
 
 
 def _train_command(model: str | None, pairs_dir: Any, dataset: Any, generator: str) -> str:
