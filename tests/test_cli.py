@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +126,24 @@ def test_old_flag_names_point_to_trls(tmp_path, capsys):
             main(["train", old, "x", "--output_dir", str(tmp_path)])
         assert exit_info.value.code == 2
         assert f"unrecognized argument '{old}'. Did you mean '{new}'?" in capsys.readouterr().err
+
+
+def test_the_diffusion_dpo_scripts_flags_say_what_to_write_here(tmp_path, capsys):
+    from vipo_trl.cli.parser import FROM_DIFFUSION_DPO_SCRIPTS
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for flag, replacement in FROM_DIFFUSION_DPO_SCRIPTS.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", f"--{flag}", "1", "--output_dir", str(tmp_path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"unrecognized argument '--{flag}'. That is a flag of the Diffusion-DPO training scripts" in err, err
+        assert replacement in err
+        assert f"`--{flag}" in docs  # and docs/cli.md's table lists it
+    (tmp_path / "run.yaml").write_text("max_train_steps: 10\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(tmp_path / "run.yaml")])
+    assert "unknown key 'max_train_steps'" in (err := capsys.readouterr().err) and "here: --max_steps." in err
 
 
 def test_misspelt_yaml_key_message(tmp_path, capsys):

@@ -248,9 +248,46 @@ RENAMED = {
 }
 
 
+#: Flags of diffusers' `train_diffusion_dpo*.py` and of the original Diffusion-DPO `train.py` -> what does the same
+#: here (docs/cli.md, "Coming from the Diffusion-DPO training scripts", lists them all).
+FROM_DIFFUSION_DPO_SCRIPTS = {
+    "train_batch_size": "--per_device_train_batch_size",
+    "max_train_steps": "--max_steps",
+    "checkpointing_steps": "--save_steps",
+    "checkpoints_total_limit": "--save_total_limit",
+    "lr_scheduler": "--lr_scheduler_type",
+    "lr_warmup_steps": "--warmup_steps",
+    "mixed_precision": "--bf16 or --fp16",
+    "use_8bit_adam": "--optim adamw_bnb_8bit",
+    "use_adafactor": "--optim adafactor",
+    "allow_tf32": "--tf32 true",
+    "rank": "--use_peft --lora_r R --lora_alpha R",
+    "beta_dpo": "--beta (the same -0.5 * beta convention as the original train.py and diffusers' SDXL script; "
+    "diffusers' SD 1.5 script's --beta_dpo B is --beta 2B here)",
+    "random_crop": "--no_center_crop",
+    "no_hflip": "--no_random_flip",
+    "validation_prompt": "--validation_prompts",
+    "run_validation": "--validation_prompts P [P ...] (with --validation_steps)",
+    "train_data_dir": "--dataset_name (a folder)",
+    "sft": "--loss_type sft",
+    "sdxl": "vipo-trl needs none: the model's model_index.json picks the family",
+    "scale_lr": "vipo-trl takes the learning rate itself (the original SD 1.5 run's 1e-8 scaled by its 2048 "
+    "pairs a step is --learning_rate 2.048e-5)",
+    "choice_model": "vipo-trl relabels the set beforehand: vipo-trl pairs --dataset_name D --scorers pickscore "
+    "--relabel",
+    "pretrained_vae_model_name_or_path": "vipo-trl needs none for fp16: with --fp16 the VAE stays in float32; to "
+    "train with another VAE, pass a pipeline with it swapped in (PolyDPOTrainer(model=pipe))",
+}
+
+
 def _hint(name: str, valid: set[str]) -> str:
     if RENAMED.get(name) in valid:
         return f" Did you mean {RENAMED[name]!r}?"
+    replacement = FROM_DIFFUSION_DPO_SCRIPTS.get(name)
+    if replacement and not replacement.startswith("--"):
+        return f" That is a flag of the Diffusion-DPO training scripts: {replacement}."
+    if replacement and replacement.split()[0][2:].removeprefix("no_") in valid:
+        return f" That is a flag of the Diffusion-DPO training scripts; here: {replacement}."
     return did_you_mean(name, valid)
 
 
