@@ -646,6 +646,10 @@ def test_diagnose_command_reads_a_dataset_folder(tmp_path, capsys):
     main(["diagnose", str(tmp_path / "pairs"), "--scorers", "shapes", "--output_dir", str(tmp_path / "d")])
     printed = capsys.readouterr().out
     assert "disagrees 25.0%" in printed and "suggested poly_alpha" in printed
+    command = next(line for line in printed.splitlines() if line.startswith("to train on the pairs every scorer"))
+    assert f"vipo-trl pairs --dataset_name {tmp_path / 'pairs'} --scorers shapes --consistent_only" in command
+    main(command.split("vipo-trl ", 1)[1].replace("CONSISTENT_SET", str(tmp_path / "kept")).split())  # it runs
+    assert "15 pairs (20 candidates)" in capsys.readouterr().out  # the 5 flipped labels are the ones dropped
     assert json.loads((tmp_path / "d" / "diagnosis.json").read_text())["pairs"] == 20
     with pytest.raises(SystemExit):
         main(["diagnose", "default:mystery"])

@@ -519,12 +519,12 @@ def _colours(dataset):
     return [(nearest(row["chosen"]), nearest(row["rejected"])) for row in dataset]
 
 
-def _rescore(out, dataset=None, **kwargs):
+def _rescore(out, dataset=None, scorers=("test_redness", "test_greenness"), **kwargs):
     from vipo_trl.eval import rescore_pairs
 
     settings = dict(pairs_per_shard=2, progress=False)
     settings.update(kwargs)
-    return rescore_pairs(dataset or _existing_set(), ["test_redness", "test_greenness"], out, **settings)
+    return rescore_pairs(dataset or _existing_set(), list(scorers), out, **settings)
 
 
 def test_rescoring_keeps_the_labels_and_drops_the_pairs_the_scorers_contradict(tmp_path):
@@ -622,3 +622,16 @@ def test_pairs_command_rescores_an_existing_set(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pairs", "--relabel", "--output_dir", str(tmp_path / "x")])
     assert "--relabel applies to the pairs of an existing set" in capsys.readouterr().err
+
+
+def test_rescoring_pickapic_counts_its_ties_as_training_does(tmp_path):
+    from vipo_trl.testing import pickapic_dataset
+
+    data = pickapic_dataset(4, ties=2)  # rows 4 and 5 tie; the red image wins every other row, on either side
+    mapped = _rescore(tmp_path / "map", data, scorers=["test_redness"])
+    streamed = _rescore(tmp_path / "stream", data.to_iterable_dataset(), scorers=["test_redness"])
+    for result in (mapped, streamed):
+        assert result.stats.skipped_rows == {"tie": 2} and result.stats.candidate_pairs == 4
+        assert result.stats.consistency == 1.0 and result.stats.label_agreement == 1.0
+    first_five = _rescore(tmp_path / "five", data, ["test_redness"], max_pairs=5)  # source rows 0-4: 4 pairs, a tie
+    assert first_five.stats.skipped_rows == {"tie": 1} and first_five.dataset["source_row"] == [0, 1, 2, 3]

@@ -461,6 +461,11 @@ def diagnose(argv: list[str]) -> None:
     print(report)
     plot = " and diagnosis.png" if os.path.isfile(os.path.join(args.output_dir, "diagnosis.png")) else ""
     print(f"diagnosis.json, diagnosis.txt{plot} in {args.output_dir}")
+    if report.consistency < 1 and not args.dataset_name.startswith("default:"):
+        print(
+            "to train on the pairs every scorer agrees with: vipo-trl pairs --dataset_name "
+            f"{args.dataset_name} --scorers {' '.join(scorers)} --consistent_only --output_dir CONSISTENT_SET"
+        )
 
 
 def env(argv: list[str]) -> None:

@@ -131,10 +131,15 @@ def _shards(pairs: Any, size: int, max_pairs: int | None, folder: PairsFolder) -
     from ..data.preference import PreferencePairs, decoded_pairs
 
     if isinstance(pairs, PreferencePairs):  # rows are addressable: a finished shard is not even decoded again
-        rows = pairs.rows[:max_pairs] if max_pairs is not None else pairs.rows
+        bound = len(pairs.dataset) if max_pairs is None else min(max_pairs, len(pairs.dataset))
+        rows = [r for r in pairs.rows if r < bound]
+        # Rows dropped on their labels alone (ties, bad labels) never reach `rows`; shard 0 counts them.
+        label_skips = [reason for r, reason in pairs.label_skips if r < bound]
+        dropped = label_skips + ["tie"] * (bound - len(rows) - len(label_skips))
         for shard in range(-(-len(rows) // size)):
             if not folder.has_shard(shard):
-                yield shard, list(decoded_pairs(pairs, rows[shard * size : (shard + 1) * size]))
+                items = list(decoded_pairs(pairs, rows[shard * size : (shard + 1) * size]))
+                yield shard, (dropped + items if shard == 0 else items)
         return
     items, shard, read = [], 0, 0
     for item in decoded_pairs(pairs):  # a stream is read again up to where it stopped
