@@ -228,20 +228,21 @@ def test_resume_after_a_kill_mid_shard_regenerates_only_that_shard(tmp_path):
     assert read[0] == read[1] and len(read[0]) == 4
 
 
-def test_two_processes_share_the_shards_and_give_the_single_process_set(tmp_path):
-    """Under `accelerate launch` (2 CPU processes, gloo) each process generates every other shard and the main
-    process writes the set, which equals the one a single process builds."""
-    script = ROOT / "tests" / "scripts" / "make_pairs_run.py"
+@pytest.mark.parametrize("mode, port, images", [("make_pairs", 29531, 6), ("rescore", 29532, 8)])
+def test_two_processes_share_the_shards_and_give_the_single_process_set(tmp_path, mode, port, images):
+    """Under `accelerate launch` (2 CPU processes, gloo) each process makes every other shard (generating, or scoring
+    an existing set's pairs) and the main process writes the set, which equals the one a single process builds."""
+    script = [str(ROOT / "tests" / "scripts" / "make_pairs_run.py"), *(["--rescore"] if mode == "rescore" else [])]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     accelerate += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    accelerate += ["--main_process_port", "29531"]
-    run = subprocess.run([*accelerate, str(script), str(tmp_path / "two")], capture_output=True, text=True)
+    accelerate += ["--main_process_port", str(port)]
+    run = subprocess.run([*accelerate, *script, str(tmp_path / "two")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert sorted((r["rank"], r["images_scored"]) for r in reports) == [(0, 6), (1, 6)]  # 2 of 4 shards each
+    assert sorted((r["rank"], r["images_scored"]) for r in reports) == [(0, images), (1, images)]  # 2 of 4 shards
     # accelerate runs each process with one intra-op thread; so does the reference run (the same float arithmetic)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    one = subprocess.run([sys.executable, *script, str(tmp_path / "one")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     assert _published(tmp_path / "two") == _published(tmp_path / "one")
 

@@ -239,11 +239,7 @@ def pairs(argv: list[str]) -> None:
             raise CliError(f"--{flag} applies to the pairs of an existing set: name it with --dataset_name.")
     if args.lora:
         checks.check_aligned(args.lora)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device is None:  # accelerate launch: this rank's device
-        from accelerate import PartialState
-
-        device = str(PartialState(cpu=not torch.cuda.is_available()).device)
+    device = _process_device(args.device)
     embedded = not args.model_name_or_path
     if embedded:
         from ..default import ALL_SCENES, load_default_pipeline
@@ -325,6 +321,17 @@ def pairs(argv: list[str]) -> None:
         )
 
 
+def _process_device(device: str | None) -> str:
+    """`--device`, else CUDA when there is one; under `accelerate launch` this process's own device."""
+    import torch
+
+    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        return str(PartialState(cpu=not torch.cuda.is_available()).device)
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 #: `vipo-trl pairs` flags that shape generation, which scoring an existing set's pairs has none of.
 GENERATION_FLAGS = (
     "model_name_or_path", "lora", "prompts", "num_prompts", "samples_per_prompt", "pairing", "num_inference_steps",
@@ -334,7 +341,6 @@ GENERATION_FLAGS = (
 
 def _rescore(args: Any, given: set[str]) -> None:
     """`vipo-trl pairs --dataset_name`: an existing set's pairs scored again, kept or relabelled, filtered, written."""
-    import torch
 
     from ..data import DataOptions, load_preference_dataset
     from ..data.pairing import PairFilters
@@ -349,7 +355,7 @@ def _rescore(args: Any, given: set[str]) -> None:
             "already has: drop one or the other."
         )
     checks.check_dataset_name(args.dataset_name)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _process_device(args.device)
     options = DataOptions(
         **{k: getattr(args, k) for k in ("dataset_schema", "prompt_column", "chosen_column", "rejected_column")},
         category_column=args.category_column,
@@ -382,6 +388,8 @@ def _rescore(args: Any, given: set[str]) -> None:
         )
     except (OSError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    if result is None:  # a non-main process of a multi-process run
+        return
     stats = result.stats
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.skipped_rows.items()))
     print(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from ..data.pairing import COMBINE_METHODS, PairFilters, PairsFolder, combine_scores, consistent_with_every_scorer
 from .evaluate import resolve_scorers
 from .judge import PairwiseScorer
-from .pairs import PairsResult, _encode, finish_pairs
+from .pairs import PairsResult, _encode, _process_state, finish_pairs
 from .scorers import RewardScorer
 from .video_scorers import for_videos, is_video
 
@@ -54,7 +54,7 @@ def rescore_pairs(
     describe: dict[str, Any] | None = None,
     push_to_hub: str | None = None,
     progress: bool = True,
-) -> PairsResult:
+) -> PairsResult | None:
     """Score both images of every pair of `dataset` and write the kept pairs as a new set; see the module docstring.
 
     Args:
@@ -73,6 +73,9 @@ def rescore_pairs(
             average over.
         describe: extra entries for the card's settings table; `source` names the set in the card's first line.
         push_to_hub: a dataset repo id to upload the set and card to.
+
+    Under `accelerate launch` every process scores its share of the shards and the main process writes the set;
+    returns it, or `None` on the other processes.
     """
     from ..data import DataOptions, pairs_from_options
 
@@ -106,13 +109,20 @@ def rescore_pairs(
         "seed": options.seed,
     }
     folder = PairsFolder(output_dir)
-    folder.check_settings(settings)
+    state = _process_state()
+    if state.is_main_process:
+        folder.check_settings(settings)
+    state.wait_for_everyone()
     pairs = pairs_from_options(dataset, options, 1)
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc="rescoring pairs", unit="pair", disable=not progress)
+    bar = tqdm(desc="rescoring pairs", unit="pair", disable=not progress or not state.is_main_process)
     judge = judges[0] if judges else None
-    for shard, items in _shards(pairs, pairs_per_shard, max_pairs, folder):
+
+    def todo(shard: int) -> bool:  # this process's share (shard s on process s mod N), not written yet
+        return shard % state.num_processes == state.process_index and not folder.has_shard(shard)
+
+    for shard, items in _shards(pairs, pairs_per_shard, max_pairs, todo):
         skipped = Counter(item for item in items if isinstance(item, str))
         decoded = [item for item in items if not isinstance(item, str)]
         rows = _rescored_rows(decoded, point, judge, relabel, combine, weights, margin, fps, frames_scored)
@@ -122,12 +132,16 @@ def rescore_pairs(
         folder.write_shard(shard, rows)
         bar.update(len(items))
     bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
     return finish_pairs(folder.path, filters, push_to_hub=push_to_hub)
 
 
-def _shards(pairs: Any, size: int, max_pairs: int | None, folder: PairsFolder) -> Iterator[tuple[int, list[Any]]]:
-    """(shard index, that shard's rows: decoded pairs, or the reason a bad row is skipped) for each shard not written
-    yet. Shards are blocks of `size` source rows, so a resumed run cuts them where the first run did."""
+def _shards(pairs: Any, size: int, max_pairs: int | None, todo: Callable[[int], bool]) -> Iterator[tuple[int, list]]:
+    """(shard index, that shard's rows: decoded pairs, or the reason a bad row is skipped) for each shard `todo` says
+    to make. Shards are blocks of `size` usable rows (of a stream: rows read), so a resumed run, or another process,
+    cuts them where the first run did."""
     from ..data.preference import PreferencePairs, decoded_pairs
 
     if isinstance(pairs, PreferencePairs):  # rows are addressable: a finished shard is not even decoded again
@@ -137,21 +151,21 @@ def _shards(pairs: Any, size: int, max_pairs: int | None, folder: PairsFolder) -
         label_skips = [reason for r, reason in pairs.label_skips if r < bound]
         dropped = label_skips + ["tie"] * (bound - len(rows) - len(label_skips))
         for shard in range(-(-len(rows) // size)):
-            if not folder.has_shard(shard):
+            if todo(shard):
                 items = list(decoded_pairs(pairs, rows[shard * size : (shard + 1) * size]))
                 yield shard, (dropped + items if shard == 0 else items)
         return
     items, shard, read = [], 0, 0
-    for item in decoded_pairs(pairs):  # a stream is read again up to where it stopped
+    for item in decoded_pairs(pairs):  # a stream is read (and decoded) whole by every process, up to max_pairs
         items.append(item)
         read += 1
         if len(items) == size or read == max_pairs:
-            if not folder.has_shard(shard):
+            if todo(shard):
                 yield shard, items
             items, shard = [], shard + 1
             if read == max_pairs:
                 return
-    if items and not folder.has_shard(shard):
+    if items and todo(shard):
         yield shard, items
 
 
