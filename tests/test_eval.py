@@ -540,22 +540,72 @@ def assert_rows_differ(grid, row_height):
     assert top.shape == bottom.shape and np.abs(top - bottom).mean() > 5, np.abs(top - bottom).mean()
 
 
-@pytest.fixture
-def shapes_lora(tmp_path):
+def make_shapes_lora(folder, seed=0):
     """A LoRA for the embedded model that visibly changes its output."""
     from peft import LoraConfig, get_peft_model_state_dict
 
     from vipo_trl.default import load_default_pipeline
 
     pipe = load_default_pipeline()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets))
     for name, p in pipe.unet.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.3)
-    type(pipe).save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
-    return str(tmp_path / "lora")
+    type(pipe).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    return str(folder)
+
+
+@pytest.fixture
+def shapes_lora(tmp_path):
+    return make_shapes_lora(tmp_path / "lora")
+
+
+def make_shapes_fine_tune(folder):
+    """A full fine-tune's output for the embedded model (its UNet, saved whole) that visibly changes its output."""
+    from vipo_trl.default import load_default_pipeline
+
+    unet = load_default_pipeline().unet
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    unet.save_pretrained(folder)  # what `vipo-trl train` without --use_peft saves
+    return str(folder)
+
+
+@pytest.mark.parametrize("baseline_kind", ["lora", "full"])
+def test_eval_compares_two_runs_on_the_same_prompts_and_seeds(tmp_path, baseline_kind):
+    """`baseline`: the two runs generate in turn from one pipeline; each one's images are exactly those it makes
+    alone against the base (so the baseline's weights were taken out before the other run's went in)."""
+    from vipo_trl.default import MODEL_DIR, load_default_pipeline
+
+    run = make_shapes_lora(tmp_path / "poly-dpo", seed=1)
+    other = (
+        make_shapes_lora(tmp_path / "diffusion-dpo", seed=2)
+        if baseline_kind == "lora"
+        else make_shapes_fine_tune(tmp_path / "diffusion-dpo")
+    )
+    setting = dict(prompts=[s.prompt for s in ALL_SCENES[:3]], scorers=["shapes"], seeds=(1, 2), device="cpu")
+    setting.update(num_inference_steps=3, guidance_scale=4.0)
+    pipe = load_default_pipeline()
+    unet = pipe.unet
+    head_to_head = evaluate_alignment(pipe, run, baseline=other, output_dir=tmp_path / "eval", **setting)
+    # The baseline was taken out, not left beside the run: the pipeline's own UNet, holding the run's LoRA alone.
+    assert pipe.unet is unet and len(pipe.get_list_adapters()["unet"]) == 1
+    alone = evaluate_alignment(str(MODEL_DIR), run, **setting)
+    other_alone = evaluate_alignment(str(MODEL_DIR), other, **setting)
+    assert head_to_head.base_scores == other_alone.aligned_scores != other_alone.base_scores
+    assert head_to_head.aligned_scores == alone.aligned_scores != other_alone.aligned_scores
+    wins = win_rate(torch.tensor(alone.aligned_scores["shapes"]), torch.tensor(other_alone.aligned_scores["shapes"]))
+    assert head_to_head.win_rates["shapes"].rate == pytest.approx(wins.rate)
+    assert head_to_head.labels == ("diffusion-dpo", "poly-dpo")
+    report = (tmp_path / "eval" / "results.md").read_text()
+    assert "| scorer | diffusion-dpo | poly-dpo | win rate (poly-dpo over diffusion-dpo, 95% CI) |" in report
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["labels"] == ["diffusion-dpo", "poly-dpo"]
+    with pytest.raises(ValueError, match="baseline: name the run to compare"):
+        evaluate_alignment(str(MODEL_DIR), None, baseline=other, **setting)
 
 
 def test_eval_command_on_the_embedded_model(tmp_path, shapes_lora, capsys):
@@ -572,18 +622,23 @@ def test_eval_command_on_the_embedded_model(tmp_path, shapes_lora, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--scorers", "pickscor", "--num_prompts", "1", "--output_dir", str(out)])
     assert "Did you mean 'pickscore'" in capsys.readouterr().err
+    # Two runs head to head: --lora over --baseline.
+    other = make_shapes_lora(tmp_path / "other", seed=3)
+    main(["eval", "--lora", shapes_lora, "--baseline", other, "--num_prompts", "2", "--seeds", "0",
+          "--num_inference_steps", "3", "--output_dir", str(out), "--device", "cpu"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| scorer | other | lora | win rate (lora over other, 95% CI) |" in printed
+    assert "grid.png (rows: other, lora)" in printed
+    with pytest.raises(SystemExit):
+        main(["eval", "--baseline", other, "--output_dir", str(out)])
+    assert "--baseline is what --lora is compared with" in capsys.readouterr().err
 
 
 def test_eval_and_pairs_take_a_full_fine_tunes_output_as_the_aligned_model(tmp_path, capsys, monkeypatch):
     from vipo_trl.cli import main
     from vipo_trl.default import load_default_pipeline
 
-    unet = load_default_pipeline().unet
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # a fine-tune that visibly changes the output
-    unet.save_pretrained(tmp_path / "full")  # what `vipo-trl train` without --use_peft saves
+    make_shapes_fine_tune(tmp_path / "full")
     out = tmp_path / "eval"
     main(["eval", "--lora", str(tmp_path / "full"), "--num_prompts", "2", "--seeds", "0", "--num_inference_steps",
           "3", "--output_dir", str(out), "--device", "cpu"])  # fmt: skip

@@ -154,10 +154,13 @@ def evaluate(argv: list[str]) -> None:
 
     parser = parser_for("eval")
     (args,) = parser.parse(argv)
-    if args.lora:
-        from . import checks
+    if args.baseline and not args.lora:
+        raise CliError("--baseline is what --lora is compared with: name the run to compare (--lora FOLDER) too.")
+    from . import checks
 
-        checks.check_aligned(args.lora)
+    for weights in (args.lora, args.baseline):
+        if weights:
+            checks.check_aligned(weights)
     embedded = args.model_name_or_path is None
     if embedded:  # sampled as `vipo-trl train` reports its rewards: DDIM, its steps, guidance, batch and seeds
         from ..default import ALL_SCENES, EVAL_SEEDS, load_default_pipeline
@@ -190,6 +193,7 @@ def evaluate(argv: list[str]) -> None:
             batch_size=args.batch_size,
             device=args.device,
             pipeline_kwargs=_json_flag(args.pipeline_kwargs, "--pipeline_kwargs"),
+            baseline=args.baseline,
         )
     except ValueError as exc:  # an unknown scorer, a bad prompt file, ...
         raise CliError(str(exc)) from None
@@ -198,7 +202,8 @@ def evaluate(argv: list[str]) -> None:
     print(result.table())
     plot = " and scores.png" if os.path.isfile(os.path.join(args.output_dir, "scores.png")) else ""
     if args.lora:
-        print(f"results.json, results.md, grid.png (rows: base, aligned){plot} in {args.output_dir}")
+        rows = ", ".join(result.labels)
+        print(f"results.json, results.md, grid.png (rows: {rows}){plot} in {args.output_dir}")
     else:
         print(
             f"results.json, results.md, grid.png (the base model only: pass --lora FOLDER to compare an aligned "

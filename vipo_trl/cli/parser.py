@@ -52,6 +52,13 @@ class EvalArguments:
             "full fine-tune (its denoiser replaces the base's)."
         },
     )
+    baseline: str | None = field(
+        default=None,
+        metadata={
+            "help": "Another training run's output to compare --lora with instead of the base (e.g. a Diffusion-DPO "
+            "run against a Poly-DPO run): same prompts and seeds, win rate of --lora over it."
+        },
+    )
     prompts: str | None = field(
         default=None,
         metadata={

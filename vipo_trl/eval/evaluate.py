@@ -16,7 +16,13 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from ..data.prompts import load_prompt_set
-from ..models.generation import check_aligned_weights, generate_images, labelled_grid, load_aligned_weights
+from ..models.generation import (
+    check_aligned_weights,
+    generate_images,
+    labelled_grid,
+    load_aligned_weights,
+    swap_in_aligned_weights,
+)
 from ..utils import pyplot_or_none
 from .scorers import RewardScorer, get_scorer
 from .stats import WinRate, win_rate
@@ -45,13 +51,15 @@ BUILTIN_PROMPTS = [
 
 @dataclass
 class EvalResult:
-    """Mean scores of base and aligned per scorer, the aligned-over-base win rate per scorer, and per-image scores."""
+    """Mean scores of base and aligned per scorer, the aligned-over-base win rate per scorer, and per-image scores.
+    `labels` name the two models in reports: ("base", "aligned"), or the two runs compared with `baseline`."""
 
     prompts: list[str]
     seeds: list[int]
     base_scores: dict[str, list[float]]
     aligned_scores: dict[str, list[float]] = field(default_factory=dict)
     win_rates: dict[str, WinRate] = field(default_factory=dict)
+    labels: tuple[str, str] = ("base", "aligned")
 
     def mean(self, scorer: str, which: str = "aligned") -> float:
         scores = (self.aligned_scores if which == "aligned" else self.base_scores)[scorer]
@@ -67,6 +75,7 @@ class EvalResult:
             for name in self.base_scores
         }
         return {
+            "labels": list(self.labels),
             "summary": summary,
             "prompts": self.prompts,
             "seeds": self.seeds,
@@ -75,7 +84,8 @@ class EvalResult:
         }
 
     def table(self) -> str:
-        lines = ["| scorer | base | aligned | win rate (aligned over base, 95% CI) |", "|---|---|---|---|"]
+        base, aligned = self.labels
+        lines = [f"| scorer | {base} | {aligned} | win rate ({aligned} over {base}, 95% CI) |", "|---|---|---|---|"]
         for name in self.base_scores:
             aligned = f"{self.mean(name):.4f}" if name in self.aligned_scores else "-"
             rate = str(self.win_rates[name]) if name in self.win_rates else "-"
@@ -121,6 +131,7 @@ def evaluate_alignment(
     torch_dtype: torch.dtype | None = None,
     pipeline_kwargs: dict[str, Any] | None = None,
     frames_scored: int = 8,
+    baseline: str | None = None,
 ) -> EvalResult:
     """Score base and (when `lora` is given) base + LoRA on every prompt x seed; write `results.json`, `grid.png` and
     `scores.png` to `output_dir` when given. A video pipeline (Wan) is scored by each image scorer averaged over
@@ -133,6 +144,9 @@ def evaluate_alignment(
         scorers: names from `available_scorers()` or scorer objects.
         torch_dtype: the pipeline's dtype when loading it; default bfloat16 on a GPU, float32 on a CPU.
         pipeline_kwargs: extra arguments of every pipeline call (e.g. `height`, `width`, `num_frames`).
+        baseline: another training run's output (same forms as `lora`) to compare `lora` with instead of the base,
+            e.g. a Diffusion-DPO run against a Poly-DPO run: both generate from the same pipeline, prompts and seeds,
+            the baseline's weights taken out again before `lora`'s go in.
     """
     from diffusers import DiffusionPipeline
 
@@ -142,8 +156,11 @@ def evaluate_alignment(
         pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
     else:
         pipe = model
-    if lora:
-        check_aligned_weights(lora, pipe)  # weights that do not fit are refused before anything is generated
+    if baseline and not lora:
+        raise ValueError("baseline: name the run to compare with it (lora); alone it would be the only model scored.")
+    for weights in (lora, baseline):
+        if weights:
+            check_aligned_weights(weights, pipe)  # weights that do not fit are refused before anything is generated
     pipe.to(device)
     scorers = resolve_scorers(scorers, device=device)
     all_prompts = [p for p in prompts for _ in seeds]
@@ -154,10 +171,18 @@ def evaluate_alignment(
         batch_size=batch_size,
         **(pipeline_kwargs or {}),
     )
+    take_out = swap_in_aligned_weights(pipe, baseline) if baseline else None
     base_images = generate_images(pipe, all_prompts, all_seeds, **generate)
+    if take_out is not None:
+        take_out()
     if base_images and is_video(base_images[0]):
         scorers = [for_videos(scorer, frames_scored) for scorer in scorers]
     result = EvalResult(all_prompts, all_seeds, score_all(scorers, base_images, all_prompts))
+    if baseline:
+        labels = (run_label(baseline), run_label(lora))
+        if labels[0] == labels[1]:  # e.g. two runs' checkpoint-500 folders
+            labels = (baseline if baseline != lora else f"{baseline} (baseline)", lora)
+        result.labels = labels
     aligned_images = None
     if lora:
         load_aligned_weights(pipe, lora)
@@ -172,15 +197,21 @@ def evaluate_alignment(
     return result
 
 
+def run_label(weights: str) -> str:
+    """A short name for a training run's output in reports: its folder's name, or the hub id."""
+    path = os.path.normpath(weights)
+    return os.path.basename(path) if os.path.exists(path) else weights
+
+
 def write_report(
     result: EvalResult, base_images: list[Image.Image], aligned_images: list[Image.Image] | None, out: Path
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
     (out / "results.md").write_text(result.table() + "\n")
-    rows = {"base": [_still(sample) for sample in base_images[:8]]}
+    rows = {result.labels[0]: [_still(sample) for sample in base_images[:8]]}
     if aligned_images:
-        rows["aligned"] = [_still(sample) for sample in aligned_images[:8]]
+        rows[result.labels[1]] = [_still(sample) for sample in aligned_images[:8]]
     labelled_grid(rows, result.prompts[:8], cell=GRID_CELL).save(out / "grid.png")
     plot_scores(result, out / "scores.png")
 
@@ -199,9 +230,9 @@ def plot_scores(result: EvalResult, path: Path) -> None:
     names = list(result.base_scores)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
-        labels, values = ["base"], [result.mean(name, "base")]
+        labels, values = [result.labels[0]], [result.mean(name, "base")]
         if name in result.aligned_scores:
-            labels.append("aligned")
+            labels.append(result.labels[1])
             values.append(result.mean(name))
         ax.bar(labels, values, color=["#999999", "#3b7dd8"][: len(values)])
         title = name

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -123,6 +123,17 @@ def load_aligned_weights(pipe: Any, weights: str) -> Any:
     tuned = type(base).from_pretrained(weights, torch_dtype=base.dtype, use_safetensors=True).to(base.device)
     pipe.register_modules(**{name: tuned})
     return pipe
+
+
+def swap_in_aligned_weights(pipe: Any, weights: str) -> Callable[[], None]:
+    """`load_aligned_weights`, returning what takes the weights out again (the LoRA unloaded, or the pipeline's own
+    denoiser put back), so one loaded pipeline can generate with two training runs' outputs in turn."""
+    if check_aligned_weights(weights, pipe) == "lora":
+        pipe.load_lora_weights(weights)
+        return pipe.unload_lora_weights
+    name, base = _denoiser_of(pipe)
+    load_aligned_weights(pipe, weights)
+    return lambda: pipe.register_modules(**{name: base})
 
 
 def _denoiser_of(pipe: Any) -> tuple[str, Any]:
