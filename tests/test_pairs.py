@@ -543,7 +543,7 @@ def test_rescoring_keeps_the_labels_and_drops_the_pairs_the_scorers_contradict(t
     assert consistent.stats.candidate_pairs == 4 and consistent.stats.consistency == 0.25
     card = (tmp_path / "consistent" / "README.md").read_text()
     assert "keeping its labelled winner" in card and "| labels | dataset |" in card
-    assert "labelled winner in 50.0% of the candidate pairs" in card
+    assert "The scorers prefer the source set's labelled winner in 50.0% of the candidate pairs." in card
     assert "Source rows skipped as training would skip them: undecodable: 1." in card
     assert "scorers_disagree: 3" in card
 
@@ -636,3 +636,16 @@ def test_rescoring_pickapic_counts_its_ties_as_training_does(tmp_path):
         assert result.stats.consistency == 1.0 and result.stats.label_agreement == 1.0
     first_five = _rescore(tmp_path / "five", data, ["test_redness"], max_pairs=5)  # source rows 0-4: 4 pairs, a tie
     assert first_five.stats.skipped_rows == {"tie": 1} and first_five.dataset["source_row"] == [0, 1, 2, 3]
+
+
+def test_rescoring_video_pairs_scores_frames_and_writes_mp4(tmp_path):
+    from vipo_trl.data import decode_video
+    from vipo_trl.testing import video_dataset
+
+    # video_dataset's red clip wins every pair, and redness averaged over 3 frames of each clip agrees.
+    result = _rescore(tmp_path / "v", video_dataset(2), scorers=["test_redness"], frames_scored=3)
+    assert result.dataset["consistent"] == [True, True] and result.dataset["chosen_test_redness"][0] > 150
+    frames = decode_video(result.dataset[0]["chosen"])
+    assert len(frames) == 9 and frames[0].size == (16, 16)
+    assert _channel_mean(frames[0], 0) > 150  # the red clip, re-encoded
+    assert "text-to-video" in (tmp_path / "v" / "README.md").read_text()

@@ -346,7 +346,6 @@ GENERATION_FLAGS = (
 
 def _rescore(args: Any, given: set[str]) -> None:
     """`vipo-trl pairs --dataset_name`: an existing set's pairs scored again, kept or relabelled, filtered, written."""
-
     from ..data import DataOptions, load_preference_dataset
     from ..data.pairing import PairFilters
     from ..eval import get_scorer, rescore_pairs

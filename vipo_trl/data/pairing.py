@@ -128,7 +128,7 @@ class PairsStats:
     margin: dict[str, float] = field(default_factory=dict)
     consistency: float | None = None
     judge_confirmed: float | None = None
-    label_agreement: float | None = None  # rescored sets: the share of candidates whose winner is the dataset's
+    label_agreement: float | None = None  # rescored sets: the share of candidates whose scorers prefer the label
     skipped_rows: dict[str, int] = field(default_factory=dict)  # rescored sets: source rows skipped, by reason
 
     def to_dict(self) -> dict[str, Any]:
@@ -332,8 +332,8 @@ def dataset_card(stats: PairsStats, settings: dict[str, Any], filters: PairFilte
         )
     if stats.label_agreement is not None:
         lines.append(
-            f"The winner is the source set's labelled winner in {100 * stats.label_agreement:.1f}% of the candidate "
-            "pairs."
+            f"The scorers prefer the source set's labelled winner in {100 * stats.label_agreement:.1f}% of the "
+            "candidate pairs."
         )
     if stats.skipped_rows:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped_rows.items()))

@@ -84,8 +84,8 @@ class EvalResult:
         }
 
     def table(self) -> str:
-        base, aligned = self.labels
-        lines = [f"| scorer | {base} | {aligned} | win rate ({aligned} over {base}, 95% CI) |", "|---|---|---|---|"]
+        first, second = self.labels
+        lines = [f"| scorer | {first} | {second} | win rate ({second} over {first}, 95% CI) |", "|---|---|---|---|"]
         for name in self.base_scores:
             aligned = f"{self.mean(name):.4f}" if name in self.aligned_scores else "-"
             rate = str(self.win_rates[name]) if name in self.win_rates else "-"

@@ -214,10 +214,10 @@ def _rescored_rows(
     if judge is not None:
         if video:
             raise ValueError("vlm_judge compares images; for video pairs use point scorers.")
-        todo = [n for n in range(len(decoded)) if orders[n] is not None or scores is None]
-        first = [labelled[n][orders[n][0] if orders[n] else 0] for n in todo]
-        second = [labelled[n][orders[n][1] if orders[n] else 1] for n in todo]
-        for n, verdict in zip(todo, judge.compare(first, second, [prompts[n] for n in todo])):
+        asked = [n for n in range(len(decoded)) if orders[n] is not None or scores is None]
+        first = [labelled[n][orders[n][0] if orders[n] else 0] for n in asked]
+        second = [labelled[n][orders[n][1] if orders[n] else 1] for n in asked]
+        for n, verdict in zip(asked, judge.compare(first, second, [prompts[n] for n in asked])):
             verdicts[n] = int(verdict)
 
     rows = []
