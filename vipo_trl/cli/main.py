@@ -228,9 +228,7 @@ def _json_flag(value: str | None, flag: str) -> dict:
 def pairs(argv: list[str]) -> None:
     import torch
 
-    from ..data.pairing import PairFilters
-    from ..eval import get_scorer, make_pairs
-    from ..eval.evaluate import resolve_scorers
+    from ..eval import make_pairs
     from . import checks
 
     parser = parser_for("pairs")
@@ -278,9 +276,7 @@ def pairs(argv: list[str]) -> None:
         from ..data.prompts import load_prompt_set
 
         items = load_prompt_set(prompts, args.prompt_column, args.category_column, args.num_prompts)
-        resolved = resolve_scorers(scorers, device=device)
-        if args.judge_model:
-            resolved.append(get_scorer("vlm_judge", model=args.judge_model, aspect=args.judge_aspect, device=device))
+        resolved = _pair_scorers(args, scorers, device)
         result = make_pairs(
             items,
             pipes,
@@ -294,12 +290,7 @@ def pairs(argv: list[str]) -> None:
             weights=args.weights,
             pairing=args.pairing,
             margin=args.margin,
-            filters=PairFilters(
-                consistent_only=args.consistent_only,
-                max_margin=args.max_margin,
-                balance=args.balance_categories,
-                seed=args.seed,
-            ),
+            filters=_pair_filters(args),
             prompts_per_shard=args.prompts_per_shard,
             batch_size=args.batch_size,
             seed=args.seed,
@@ -326,6 +317,25 @@ def pairs(argv: list[str]) -> None:
         )
 
 
+def _pair_filters(args: Any) -> Any:
+    """The `PairFilters` of the `vipo-trl pairs` flags."""
+    from ..data.pairing import PairFilters
+
+    flags = dict(consistent_only=args.consistent_only, max_margin=args.max_margin, balance=args.balance_categories)
+    return PairFilters(**flags, seed=args.seed)
+
+
+def _pair_scorers(args: Any, default: list[str], device: str) -> list[Any]:
+    """`--scorers` (else `default`) on `device`, and the VLM judge when `--judge_model` names one."""
+    from ..eval import get_scorer
+    from ..eval.evaluate import resolve_scorers
+
+    scorers = resolve_scorers(args.scorers or default, device=device)
+    if args.judge_model:
+        scorers.append(get_scorer("vlm_judge", model=args.judge_model, aspect=args.judge_aspect, device=device))
+    return scorers
+
+
 def _process_device(device: str | None) -> str:
     """`--device`, else CUDA when there is one; under `accelerate launch` this process's own device."""
     import torch
@@ -347,9 +357,7 @@ GENERATION_FLAGS = (
 def _rescore(args: Any, given: set[str]) -> None:
     """`vipo-trl pairs --dataset_name`: an existing set's pairs scored again, kept or relabelled, filtered, written."""
     from ..data import DataOptions, load_preference_dataset
-    from ..data.pairing import PairFilters
-    from ..eval import get_scorer, rescore_pairs
-    from ..eval.evaluate import resolve_scorers
+    from ..eval import rescore_pairs
     from . import checks
 
     mixed = [f"--{flag}" for flag in GENERATION_FLAGS if flag in given]
@@ -367,9 +375,7 @@ def _rescore(args: Any, given: set[str]) -> None:
     )
     try:
         dataset = load_preference_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
-        scorers = resolve_scorers(args.scorers or ["pickscore", "hpsv2", "imagereward"], device=device)
-        if args.judge_model:
-            scorers.append(get_scorer("vlm_judge", model=args.judge_model, aspect=args.judge_aspect, device=device))
+        scorers = _pair_scorers(args, ["pickscore", "hpsv2", "imagereward"], device)
         result = rescore_pairs(
             dataset,
             scorers,
@@ -379,12 +385,7 @@ def _rescore(args: Any, given: set[str]) -> None:
             combine=args.combine,
             weights=args.weights,
             margin=args.margin,
-            filters=PairFilters(
-                consistent_only=args.consistent_only,
-                max_margin=args.max_margin,
-                balance=args.balance_categories,
-                seed=args.seed,
-            ),
+            filters=_pair_filters(args),
             max_pairs=args.max_pairs,
             pairs_per_shard=args.pairs_per_shard,
             describe={"source": args.dataset_name, "split": args.dataset_train_split},

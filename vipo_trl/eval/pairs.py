@@ -130,17 +130,8 @@ def make_pairs(
         listed = list(pipelines) if isinstance(pipelines, (list, tuple)) else [pipelines]
         pipes = {f"pipeline_{k}" if len(listed) > 1 else "pipeline": p for k, p in enumerate(listed)}
     resolved = resolve_scorers(scorers)
-    judges = [s for s in resolved if isinstance(s, PairwiseScorer)]
-    point = [s for s in resolved if not isinstance(s, PairwiseScorer)]
-    if not point and not judges:
-        raise ValueError("scorers: name at least one scorer (e.g. 'pickscore', or 'vlm_judge').")
-    if len(judges) > 1:
-        raise ValueError("scorers: one pairwise judge at most.")
-    filters = filters or PairFilters()
-    if combine == "all_agree":
-        filters.consistent_only = True
-    if weights is not None and len(weights) != len(point):
-        raise ValueError(f"weights: {len(weights)} weights for {len(point)} scorers; give one per scorer.")
+    point, judge = split_scorers(resolved, weights)
+    filters = filters_for(combine, filters)
 
     settings = {
         "prompts": len(items),
@@ -175,7 +166,7 @@ def make_pairs(
         first = shard * prompts_per_shard
         chunk = items[first : first + prompts_per_shard]
         rows = _shard_rows(
-            chunk, first, pipes, point, judges[0] if judges else None,
+            chunk, first, pipes, point, judge,
             samples_per_prompt=samples_per_prompt, steps=num_inference_steps, guidance=guidance_scale,
             pipeline_kwargs=pipeline_kwargs or {}, combine=combine, weights=weights, pairing=pairing, margin=margin,
             batch_size=batch_size, block=block, seed=seed, fps=fps, frames_scored=frames_scored,
@@ -185,6 +176,29 @@ def make_pairs(
     if not state.is_main_process:
         return None
     return finish_pairs(folder.path, filters, push_to_hub=push_to_hub)
+
+
+def split_scorers(
+    scorers: Sequence[RewardScorer], weights: Sequence[float] | None = None
+) -> tuple[list[RewardScorer], PairwiseScorer | None]:
+    """The point scorers and the pairwise judge (at most one) among `scorers`, with one weight per point scorer."""
+    judges = [s for s in scorers if isinstance(s, PairwiseScorer)]
+    point = [s for s in scorers if not isinstance(s, PairwiseScorer)]
+    if not point and not judges:
+        raise ValueError("scorers: name at least one scorer (e.g. 'pickscore', or 'vlm_judge').")
+    if len(judges) > 1:
+        raise ValueError("scorers: one pairwise judge at most.")
+    if weights is not None and len(weights) != len(point):
+        raise ValueError(f"weights: {len(weights)} weights for {len(point)} scorers; give one per scorer.")
+    return point, judges[0] if judges else None
+
+
+def filters_for(combine: str, filters: PairFilters | None) -> PairFilters:
+    """`filters` (default: `PairFilters()`), with `consistent_only` on under `combine="all_agree"`."""
+    filters = filters or PairFilters()
+    if combine == "all_agree":
+        filters.consistent_only = True
+    return filters
 
 
 def finish_pairs(

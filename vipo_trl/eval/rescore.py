@@ -28,7 +28,7 @@ import torch
 from ..data.pairing import COMBINE_METHODS, PairFilters, PairsFolder, combine_scores, consistent_with_every_scorer
 from .evaluate import resolve_scorers
 from .judge import PairwiseScorer
-from .pairs import PairsResult, _encode, _process_state, finish_pairs
+from .pairs import PairsResult, _encode, _process_state, filters_for, finish_pairs, split_scorers
 from .scorers import RewardScorer
 from .video_scorers import for_videos, is_video
 
@@ -82,19 +82,10 @@ def rescore_pairs(
     if combine not in COMBINE_METHODS:
         raise ValueError(f"combine={combine!r}: choose one of {COMBINE_METHODS}.")
     resolved = resolve_scorers(scorers)
-    judges = [s for s in resolved if isinstance(s, PairwiseScorer)]
-    point = [s for s in resolved if not isinstance(s, PairwiseScorer)]
-    if not point and not judges:
-        raise ValueError("scorers: name at least one scorer (e.g. 'pickscore', or 'vlm_judge').")
-    if len(judges) > 1:
-        raise ValueError("scorers: one pairwise judge at most.")
-    if weights is not None and len(weights) != len(point):
-        raise ValueError(f"weights: {len(weights)} weights for {len(point)} scorers; give one per scorer.")
+    point, judge = split_scorers(resolved, weights)
     if pairs_per_shard < 1:
         raise ValueError(f"pairs_per_shard={pairs_per_shard}: a shard holds at least one row.")
-    filters = filters or PairFilters()
-    if combine == "all_agree":
-        filters.consistent_only = True
+    filters = filters_for(combine, filters)
     options = options or DataOptions()
     settings = {
         "source": "an existing preference set",  # the command line names it
@@ -117,7 +108,6 @@ def rescore_pairs(
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="rescoring pairs", unit="pair", disable=not progress or not state.is_main_process)
-    judge = judges[0] if judges else None
 
     def todo(shard: int) -> bool:  # this process's share (shard s on process s mod N), not written yet
         return shard % state.num_processes == state.process_index and not folder.has_shard(shard)
