@@ -649,3 +649,21 @@ def test_rescoring_video_pairs_scores_frames_and_writes_mp4(tmp_path):
     assert len(frames) == 9 and frames[0].size == (16, 16)
     assert _channel_mean(frames[0], 0) > 150  # the red clip, re-encoded
     assert "text-to-video" in (tmp_path / "v" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_pairs_command_keeps_the_consistent_pairs_of_an_embedded_set(tmp_path, capsys):
+    """`default:noisy` (a third of its labels flipped against the shapes reward) filtered to the pairs the reward
+    agrees with; the printed command trains the embedded model on them at its own size."""
+    from vipo_trl.cli.main import main
+    from vipo_trl.data import load_preference_dataset
+
+    main(["pairs", "--dataset_name", "default:noisy", "--consistent_only", "--output_dir", str(tmp_path / "kept")])
+    printed = capsys.readouterr().out
+    stats = json.loads((tmp_path / "kept" / "pairs_stats.json").read_text())
+    assert stats["pairs"] == round(stats["consistency"] * stats["candidate_pairs"]) > 0
+    assert 0.2 < stats["consistency"] < 0.5  # noisy, as diagnose reports it
+    kept = load_preference_dataset(str(tmp_path / "kept"))
+    assert all(kept["consistent"]) and all(kept["label_agrees"])
+    command = next(line for line in printed.splitlines() if line.startswith("train on it: "))
+    assert "--resolution 32" in command and "vipo_trl/default/model" in command

@@ -356,9 +356,8 @@ GENERATION_FLAGS = (
 
 def _rescore(args: Any, given: set[str]) -> None:
     """`vipo-trl pairs --dataset_name`: an existing set's pairs scored again, kept or relabelled, filtered, written."""
-    from ..data import DataOptions, load_preference_dataset
+    from ..data import DataOptions
     from ..eval import rescore_pairs
-    from . import checks
 
     mixed = [f"--{flag}" for flag in GENERATION_FLAGS if flag in given]
     if mixed:
@@ -366,7 +365,6 @@ def _rescore(args: Any, given: set[str]) -> None:
             f"{', '.join(mixed)} shape(s) generating new samples; --dataset_name scores the pairs an existing set "
             "already has: drop one or the other."
         )
-    checks.check_dataset_name(args.dataset_name)
     device = _process_device(args.device)
     options = DataOptions(
         **{k: getattr(args, k) for k in ("dataset_schema", "prompt_column", "chosen_column", "rejected_column")},
@@ -374,8 +372,8 @@ def _rescore(args: Any, given: set[str]) -> None:
         seed=args.seed,
     )
     try:
-        dataset = load_preference_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
-        scorers = _pair_scorers(args, ["pickscore", "hpsv2", "imagereward"], device)
+        dataset, embedded = _preference_set(args)
+        scorers = _pair_scorers(args, ["shapes"] if embedded else ["pickscore", "hpsv2", "imagereward"], device)
         result = rescore_pairs(
             dataset,
             scorers,
@@ -407,10 +405,13 @@ def _rescore(args: Any, given: set[str]) -> None:
     if stats.consistency is not None:
         print(f"every scorer agrees on {100 * stats.consistency:.1f}% of the candidate pairs")
     print(f"dataset card: {result.output_dir / 'README.md'}")
-    print(f"train on it: vipo-trl train --model_name_or_path MODEL --dataset_name {result.output_dir} --use_peft")
+    if embedded:  # the embedded model's set: its model, settings and image size
+        print(f"train on it: {_train_command(None, result.output_dir, result.dataset)}")
+    else:
+        print(f"train on it: vipo-trl train --model_name_or_path MODEL --dataset_name {result.output_dir} --use_peft")
 
 
-def _train_command(model: str | None, pairs_dir: Any, dataset: Any, generator: str) -> str:
+def _train_command(model: str | None, pairs_dir: Any, dataset: Any, generator: str | None = None) -> str:
     """The `vipo-trl train` command that trains the pairs' model (the first one named, or the embedded model) on
     them with LoRA at the size that model's samples were drawn at, so a 32 px set is not trained upscaled to 512 px."""
     import io
@@ -426,8 +427,11 @@ def _train_command(model: str | None, pairs_dir: Any, dataset: Any, generator: s
         flags["model_name_or_path"] = str(MODEL_DIR)
         keys = ("learning_rate", "beta", "per_device_train_batch_size", "max_steps", "random_flip")
         flags.update({key: DEFAULT_SETTINGS[key] for key in keys})
-    rows = dataset.select_columns(["chosen", "chosen_generator"]) if len(dataset) else []
-    sample = next((row["chosen"] for row in rows if row["chosen_generator"] == generator), None)
+    if "chosen_generator" in dataset.column_names:  # made by `pairs`: an image of the named generator
+        rows = dataset.select_columns(["chosen", "chosen_generator"]) if len(dataset) else []
+        sample = next((row["chosen"] for row in rows if row["chosen_generator"] == generator), None)
+    else:  # rescored pairs of an existing set
+        sample = dataset[0]["chosen"] if len(dataset) else None
     if isinstance(sample, bytes) and not looks_like_video(sample):
         flags["resolution"] = min(Image.open(io.BytesIO(sample)).size)
     values = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in flags.items()}
@@ -443,21 +447,8 @@ def diagnose(argv: list[str]) -> None:
     options = args.data_options()
     if args.dataset_name is None:
         raise CliError("name the preference set: vipo-trl diagnose DATASET (or default:clean|noisy|easy).")
-    if args.dataset_name.startswith("default:"):
-        from ..default import KINDS, load_default_pipeline, make_preference_set
-
-        kind = args.dataset_name.split(":", 1)[1]
-        if kind not in KINDS:
-            raise CliError(
-                f"--dataset_name {args.dataset_name}: the embedded sets are {', '.join('default:' + k for k in KINDS)}."
-            )
-        dataset, _ = make_preference_set(kind, load_default_pipeline(), seed=args.seed)
-        scorers = args.scorers or ["shapes"]
-    else:
-        from ..data import load_preference_dataset
-
-        dataset = load_preference_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split)
-        scorers = args.scorers or ["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"]
+    dataset, embedded = _preference_set(args)
+    scorers = args.scorers or (["shapes"] if embedded else ["pickscore", "hpsv2", "imagereward", "aesthetic", "clip"])
     try:
         report = run_diagnosis(
             dataset,
@@ -474,11 +465,30 @@ def diagnose(argv: list[str]) -> None:
     print(report)
     plot = " and diagnosis.png" if os.path.isfile(os.path.join(args.output_dir, "diagnosis.png")) else ""
     print(f"diagnosis.json, diagnosis.txt{plot} in {args.output_dir}")
-    if report.consistency < 1 and not args.dataset_name.startswith("default:"):
+    if report.consistency < 1:
         print(
             "to train on the pairs every scorer agrees with: vipo-trl pairs --dataset_name "
             f"{args.dataset_name} --scorers {' '.join(scorers)} --consistent_only --output_dir CONSISTENT_SET"
         )
+
+
+def _preference_set(args: Any) -> tuple[Any, bool]:
+    """The set `--dataset_name` names (`diagnose`, `pairs`), and whether it is one of the embedded model's synthetic
+    sets (`default:clean|noisy|easy`, made on the spot from `--seed`)."""
+    if args.dataset_name.startswith("default:"):
+        from ..default import KINDS, load_default_pipeline, make_preference_set
+
+        kind = args.dataset_name.split(":", 1)[1]
+        if kind not in KINDS:
+            raise CliError(
+                f"--dataset_name {args.dataset_name}: the embedded sets are {', '.join('default:' + k for k in KINDS)}."
+            )
+        return make_preference_set(kind, load_default_pipeline(), seed=args.seed)[0], True
+    from ..data import load_preference_dataset
+    from . import checks
+
+    checks.check_dataset_name(args.dataset_name)
+    return load_preference_dataset(args.dataset_name, args.dataset_config, args.dataset_train_split), False
 
 
 def env(argv: list[str]) -> None:

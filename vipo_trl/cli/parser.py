@@ -119,8 +119,8 @@ class PairsArguments:
         default=None,
         metadata={
             "help": "Score an existing preference set's pairs again instead of generating (hub id, data file, "
-            "folder; either schema): its labels are kept (--consistent_only keeps the pairs every scorer agrees "
-            "with), or chosen by the scorers with --relabel."
+            "folder; either schema; or default:clean|noisy|easy, the embedded model's sets): its labels are kept "
+            "(--consistent_only keeps the pairs every scorer agrees with), or chosen by the scorers with --relabel."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
