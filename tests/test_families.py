@@ -313,3 +313,24 @@ def test_sdxl_empty_prompts_keep_each_pairs_size_and_crop_ids(tmp_path, family_p
     torch.testing.assert_close(dropped["time_ids"], conditioning["time_ids"])
     for key in ("encoder_hidden_states", "text_embeds"):
         assert torch.equal(dropped[key], torch.zeros_like(conditioning[key]))  # the tiny SDXL forces zeros
+
+
+def test_a_family_of_ones_own_that_encodes_whole_batches_still_trains(tmp_path, family_paths):
+    """A family written before `encode_prompts` existed (it overrides `encode_conditioning` only) loads and trains;
+    only `proportion_empty_prompts`, which needs `encode_prompts`, is refused, saying so."""
+    from vipo_trl.models import StableDiffusionFamily
+    from vipo_trl.models.base import DiffusionFamily
+
+    class BatchEncoding(StableDiffusionFamily):
+        encode_prompts = DiffusionFamily.encode_prompts
+
+        def encode_conditioning(self, batch):
+            embeds, _ = self.pipeline.encode_prompt(batch["prompts"], self.device, 1, False)
+            return {"encoder_hidden_states": embeds}
+
+    family = load_family(family_paths["sd"])
+    custom = BatchEncoding(family.pipeline)
+    config = make_config(tmp_path, BY_NAME["sd"], max_steps=1)
+    PolyDPOTrainer(custom, config, pickapic_dataset(2), peft_config=LoraConfig(r=4, lora_alpha=4)).train()
+    with pytest.raises(NotImplementedError, match="BatchEncoding does not implement encode_prompts"):
+        PolyDPOTrainer(custom, make_config(tmp_path, BY_NAME["sd"], proportion_empty_prompts=0.1), pickapic_dataset(2))

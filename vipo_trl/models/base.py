@@ -189,10 +189,15 @@ class DiffusionFamily(ABC):
 
     # ---------------------------------------------------------------- the training step
 
-    @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The prompt embeddings the denoiser reads, with the pipeline's own `encode_prompt`: a dict of tensors whose
-        first dimension is `len(prompts)`. Called without gradients."""
+        first dimension is `len(prompts)`. Called without gradients. A family of your own implements this, or
+        `encode_conditioning` alone (then `proportion_empty_prompts` is not available to it)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement encode_prompts, which encode_conditioning's default and "
+            "proportion_empty_prompts (to encode the empty prompt) need: implement it (a family that overrides "
+            "encode_conditioning instead trains with proportion_empty_prompts=0)."
+        )
 
     def encode_conditioning(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Conditioning of each pair, from the collated batch (`prompts`, `original_sizes`, `crop_top_lefts`,
