@@ -36,7 +36,6 @@ def test_combined_losses_with_weights():
         ({"mapo_snr": 0}, "mapo_snr"),
         ({"label_smoothing": 0.5, "loss_type": "robust"}, "label_smoothing"),
         ({"label_smoothing": -0.1, "loss_type": "dpo"}, "label_smoothing"),
-        ({"validation_scorers": ["pickscore"]}, "validation_scorers"),  # without validation_prompts
         ({"proportion_empty_prompts": 1.0}, "proportion_empty_prompts"),
         ({"proportion_empty_prompts": -0.1}, "proportion_empty_prompts"),
         ({"proportion_empty_prompts": float("nan")}, "proportion_empty_prompts"),

@@ -137,11 +137,6 @@ class PolyDPOConfig(TrainingArguments):
             Needs the raw dataset (a latent-cache run loads no VAE or text encoder).
         validation_steps (`int`, *optional*, defaults to `200`):
             Optimizer steps between validation images.
-        validation_scorers (`list[str]` or `None`, *optional*, defaults to `None`):
-            Reward scorers (e.g. `["pickscore"]`, any name of `vipo_trl.eval.available_scorers()`) that score each
-            validation image against its prompt: each scorer's mean is logged as `validation/<scorer>` beside the
-            images and appended to `output_dir/validation/scores.jsonl`. A curve from a few prompts and one seed is
-            noisy; `vipo-trl eval` gives the verdict, with intervals. Needs `validation_prompts`.
 
         > Parameters that control the diffusion process
 
@@ -230,7 +225,6 @@ class PolyDPOConfig(TrainingArguments):
     # Validation
     validation_prompts: list[str] | None = None
     validation_steps: int = 200
-    validation_scorers: list[str] | None = None
 
     # Diffusion
     timestep_sampling: Literal["uniform", "logit_normal", "mode"] | None = None
@@ -340,12 +334,6 @@ class PolyDPOConfig(TrainingArguments):
             "must be in [0, 1): the share of pairs trained without their prompt (e.g. 0.1)",
         )
         _require(self.validation_steps >= 1, "validation_steps", self.validation_steps, "must be >= 1")
-        _require(
-            not self.validation_scorers or bool(self.validation_prompts),
-            "validation_scorers",
-            self.validation_scorers,
-            "scores the validation images, so it needs validation_prompts",
-        )
         _require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", self.max_nonfinite_steps, "must be >= 0")
         _require(
             math.isfinite(self.learning_rate) and self.learning_rate > 0,

@@ -231,8 +231,9 @@ class PolyDPOTrainer(Trainer):
         # Our loss is a per-batch mean: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         if args.validation_prompts:
-            prompts, every, scorers = args.validation_prompts, args.validation_steps, args.validation_scorers
-            self.add_callback(ValidationImagesCallback(self, prompts, every, seed=args.seed, scorers=scorers))
+            self.add_callback(
+                ValidationImagesCallback(self, args.validation_prompts, args.validation_steps, seed=args.seed)
+            )
         self.family.to(self.accelerator.device)
         #: What a pair drawn by `proportion_empty_prompts` is conditioned on (one row), or None.
         self.empty_prompt: dict[str, torch.Tensor] | None = None

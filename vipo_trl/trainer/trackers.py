@@ -53,24 +53,3 @@ def log_images(trainer: Any, step: int, images: list[Any], captions: list[str], 
 
             logged = {f"{tag}/{i}": trackio.Image(im, caption=c) for i, (im, c) in enumerate(zip(images, captions))}
             trackio.log({**logged, "train/global_step": step})
-
-
-def log_scalars(trainer: Any, step: int, values: dict[str, float]) -> None:
-    """Log `values` (name -> number) at optimizer step `step` to the same trackers as `log_images`, the same way:
-    TensorBoard scalars, and Weights & Biases / Trackio with the step as `train/global_step`."""
-    from transformers.integrations import TensorBoardCallback, TrackioCallback, WandbCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
-            for name, value in values.items():
-                callback.tb_writer.add_scalar(name, value, step)
-            callback.tb_writer.flush()
-        elif isinstance(callback, WandbCallback):
-            import wandb
-
-            if wandb.run is not None:
-                wandb.log({**values, "train/global_step": step})
-        elif isinstance(callback, TrackioCallback) and getattr(callback, "_initialized", False):
-            import trackio
-
-            trackio.log({**values, "train/global_step": step})

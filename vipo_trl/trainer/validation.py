@@ -1,17 +1,16 @@
 """Validation images during training, as diffusers' training scripts make them (`--validation_prompts`,
 `--validation_steps`): fixed prompts and seeds, the model being trained, a grid saved per step and sent to the
-configured trackers; with `--validation_scorers`, their scores too."""
+configured trackers."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from transformers import TrainerCallback
 
 from ..models.generation import generate_images
-from .trackers import log_images, log_scalars
+from .trackers import log_images
 
 
 class ValidationImagesCallback(TrainerCallback):
@@ -20,15 +19,9 @@ class ValidationImagesCallback(TrainerCallback):
     `<output_dir>/validation/step-<N>.png` and log them to TensorBoard, Weights & Biases and Trackio when those are
     in `report_to` (`trackers.log_images`). Only the main process saves and logs. It alone generates, except when the
     model is sharded (FSDP, DeepSpeed): each forward then gathers weights from every process, so every process
-    generates the same images.
+    generates the same images."""
 
-    With `scorers` (names or `RewardScorer`s), the main process also scores the images against their prompts and
-    logs each scorer's mean as `validation/<scorer>` (same trackers, same step) and appends it, with the per-prompt
-    scores, to `<output_dir>/validation/scores.jsonl`."""
-
-    def __init__(
-        self, trainer: Any, prompts: list[str], every: int, seed: int = 0, steps: int = 20, scorers: Any = None
-    ):
+    def __init__(self, trainer: Any, prompts: list[str], every: int, seed: int = 0, steps: int = 20):
         pipe = trainer.family.pipeline
         if getattr(pipe, "vae", None) is None or getattr(pipe, "text_encoder", None) is None:
             raise ValueError(
@@ -37,14 +30,6 @@ class ValidationImagesCallback(TrainerCallback):
             )
         self.trainer, self.prompts, self.every, self.seed, self.steps = trainer, list(prompts), every, seed, steps
         self.saved: list[str] = []
-        self.scorer_names = list(scorers or [])
-        if self.scorer_names:
-            from ..eval.scorers import available_scorers, get_scorer
-
-            for name in self.scorer_names:  # an unknown name fails now, naming the closest, not at the first score
-                if isinstance(name, str) and name not in available_scorers():
-                    get_scorer(name)
-        self._scorers: list[Any] | None = None  # loaded on the main process at the first validation
 
     def _validate(self, args: Any, state: Any) -> None:
         sharded = self.trainer.is_fsdp_enabled or self.trainer.is_deepspeed_enabled
@@ -70,19 +55,6 @@ class ValidationImagesCallback(TrainerCallback):
         _strip(images).save(path)
         self.saved.append(path)
         log_images(self.trainer, state.global_step, images, self.prompts)
-        if self.scorer_names:
-            self._score(images, folder, state.global_step)
-
-    def _score(self, images: list[Any], folder: str, step: int) -> None:
-        from ..eval.evaluate import resolve_scorers, score_all
-
-        if self._scorers is None:
-            self._scorers = resolve_scorers(self.scorer_names, device=str(self.trainer.accelerator.device))
-        scores = score_all(self._scorers, images, self.prompts)
-        means = {f"validation/{name}": sum(values) / len(values) for name, values in scores.items()}
-        log_scalars(self.trainer, step, means)
-        with open(os.path.join(folder, "scores.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **means, "per_prompt": scores}) + "\n")
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._validate(args, state)
