@@ -146,6 +146,34 @@ def test_the_diffusion_dpo_scripts_flags_say_what_to_write_here(tmp_path, capsys
     assert "unknown key 'max_train_steps'" in (err := capsys.readouterr().err) and "here: --max_steps." in err
 
 
+def test_reward_scorers_log_the_validation_prompts_rewards_during_training(tmp_path, tiny_sd_path, parquet, capsys):
+    import re
+
+    import numpy as np
+
+    from vipo_trl.eval import RewardScorer, register_scorer
+
+    @register_scorer("test_brightness", override=True)
+    class Brightness(RewardScorer):
+        def _score_batch(self, images, prompts):
+            return torch.tensor([float(np.asarray(image.convert("RGB"), dtype=np.float32).mean()) for image in images])
+
+    base = ["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, "--use_peft", "--lora_r", "4"]
+    main([*base, *common(tmp_path), "--logging_steps", "1", "--validation_prompts", "a red square", "a blue circle",
+          "--validation_steps", "1", "--reward_scorers", "test_brightness"])  # fmt: skip
+    logged = re.findall(r"'reward/test_brightness': '([0-9.e+-]+)'", printed := capsys.readouterr().out)
+    assert len(logged) == 2 and all(0 < float(v) < 255 for v in logged)  # steps 1 and 2
+    assert printed.count("'reward/test_brightness_win_rate'") == 2
+    for extra, message in (
+        ([], "give those prompts too"),  # no --validation_prompts to score
+        (["--validation_prompts", "x"], "Did you mean 'test_brightness'"),  # an unknown scorer: one line
+    ):
+        scorer = "test_brightness" if not extra else "test_brightnes"
+        with pytest.raises(SystemExit):
+            main([*base, *common(tmp_path, "bad"), "--reward_scorers", scorer, *extra])
+        assert message in capsys.readouterr().err
+
+
 def test_misspelt_yaml_key_message(tmp_path, capsys):
     yaml_file = tmp_path / "bad.yaml"
     yaml_file.write_text("bta: 5000\n")

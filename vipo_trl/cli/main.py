@@ -85,6 +85,9 @@ def train(argv: list[str]) -> None:
     if model_args.model_name_or_path is None and script.dataset_name is None:
         if train_args.ref_model:
             raise CliError("--ref_model needs --model_name_or_path and --dataset_name; the embedded default has none.")
+        if train_args.reward_scorers:
+            raise CliError("--reward_scorers needs --model_name_or_path and --dataset_name; the embedded default "
+                           "reports its own reward.")  # fmt: skip
         try:
             from ..default import apply_default_settings, run_default
         except ImportError:
@@ -105,6 +108,8 @@ def train(argv: list[str]) -> None:
     checks.check_dataset_name(script.dataset_name)
     if train_args.ref_model:
         checks.check_ref_model(train_args.ref_model)
+    if train_args.reward_scorers and not config.validation_prompts:
+        raise CliError("--reward_scorers scores the images drawn for --validation_prompts: give those prompts too.")
     checks.check_output_dir(config)
     peft_config, quantization_config = _trainer_inputs(model_args, config)
     checks.check_resume(config, peft_config)
@@ -121,6 +126,17 @@ def train(argv: list[str]) -> None:
         ref_model=train_args.ref_model,
     )
     trainer.dataset_name = script.dataset_name
+    if train_args.reward_scorers:
+        from ..eval import RewardEvalCallback
+
+        try:
+            callback = RewardEvalCallback(
+                trainer, config.validation_prompts, train_args.reward_scorers, eval_steps=config.validation_steps,
+                seeds=(config.seed,),
+            )  # fmt: skip
+        except (OSError, ValueError) as exc:  # an unknown scorer, weights that cannot be read
+            raise CliError(f"--reward_scorers: {exc}") from None
+        trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
     kind = "LoRA" if trainer.is_lora else trainer.family.denoiser_name

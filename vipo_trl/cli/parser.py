@@ -27,6 +27,15 @@ class TrainArguments:
             "LoRA, the network with its adapters off)."
         },
     )
+    reward_scorers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward scorers (e.g. pickscore) that score the images the model being trained draws for "
+            "--validation_prompts, at the start and every --validation_steps (vipo_trl.eval.RewardEvalCallback): "
+            "logs reward/<scorer> and its win rate over the start. A curve from a few prompts is noisy; vipo-trl eval "
+            "gives the verdict."
+        },
+    )
 
 
 @dataclass
