@@ -38,6 +38,19 @@ def is_latent_cache(path: Any) -> bool:
     return isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, MANIFEST_NAME))
 
 
+def empty_prompt_file(path: str | os.PathLike) -> str:
+    """The cache's `empty_prompt.safetensors`, or an error naming the fix when a cache built by an older version has
+    none (what `proportion_empty_prompts` trains on)."""
+    file = os.path.join(path, EMPTY_PROMPT_NAME)
+    if not os.path.isfile(file):
+        raise PreferenceDataError(
+            f"The latent cache in {path} has no {EMPTY_PROMPT_NAME} (it was built by an older vipo-trl), which "
+            "proportion_empty_prompts needs: run build_latent_cache (or `vipo-trl cache`) on it again with the same "
+            "arguments to add it (nothing else is re-encoded), or set proportion_empty_prompts=0."
+        )
+    return file
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     with open(os.path.join(path, MANIFEST_NAME)) as f:
         return json.load(f)
@@ -87,14 +100,7 @@ class LatentCacheDataset(TorchDataset):
 
     def empty_prompt_conditioning(self) -> dict[str, torch.Tensor]:
         """The conditioning of no prompt the cache was built with (one row; see `proportion_empty_prompts`)."""
-        path = os.path.join(self.path, EMPTY_PROMPT_NAME)
-        if not os.path.isfile(path):
-            raise PreferenceDataError(
-                f"The latent cache in {self.path} has no {EMPTY_PROMPT_NAME} (it was built by an older vipo-trl), "
-                "which proportion_empty_prompts needs: run build_latent_cache (or `vipo-trl cache`) on it again with "
-                "the same arguments to add it (nothing else is re-encoded), or set proportion_empty_prompts=0."
-            )
-        return load_file(path)
+        return load_file(empty_prompt_file(self.path))
 
     def __len__(self) -> int:
         return self.manifest["num_pairs"]

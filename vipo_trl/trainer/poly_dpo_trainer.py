@@ -38,6 +38,7 @@ from ..data import (
     is_latent_cache,
     pairs_from_options,
 )
+from ..data.cache import empty_prompt_file
 from ..data.sampling import BucketSampler
 from ..losses import DenoisingErrors, get_loss, implicit_rewards
 from ..models import DiffusionFamily, family_from_pipeline, load_family
@@ -90,8 +91,7 @@ def _check_data_before_loading(train_dataset: Any, eval_dataset: Any, args: Poly
             except PreferenceDataError as exc:
                 raise PreferenceDataError(f"{name}: {exc}") from None
     if args.proportion_empty_prompts and is_latent_cache(train_dataset):
-        # A cache built by an older version holds no empty prompt: refused, naming the fix.
-        LatentCacheDataset(train_dataset).empty_prompt_conditioning()
+        empty_prompt_file(train_dataset)  # a cache built by an older version has none: refused, naming the fix
 
 
 def _check_processes_train_together(args: PolyDPOConfig) -> None:
@@ -457,10 +457,10 @@ class PolyDPOTrainer(Trainer):
         if not any(drawn):
             return conditioning
         conditioning = dict(conditioning)
+        mask = to_device(torch.tensor(drawn), next(iter(conditioning.values())).device)
         for key, empty in self.empty_prompt.items():
             value = conditioning[key]
-            mask = to_device(torch.tensor(drawn), value.device).view(-1, *[1] * (value.dim() - 1))
-            conditioning[key] = torch.where(mask, empty.to(value), value)
+            conditioning[key] = torch.where(mask.view(-1, *[1] * (value.dim() - 1)), empty.to(value), value)
         return conditioning
 
     def _unwrapped(self, model: nn.Module) -> tuple[nn.Module, torch.dtype]:
