@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.machinery
+import io
 import json
 import sys
 import types
 
+import pytest
 from peft import LoraConfig
 from PIL import Image
+from safetensors.torch import load as safetensors_load
 
 from vipo_trl import PolyDPOConfig, PolyDPOTrainer
 from vipo_trl.testing import pickapic_dataset
@@ -79,3 +84,74 @@ def test_validation_images_go_to_wandb_and_trackio_at_the_trainers_global_step(m
     wandb.run, trackio_cb._initialized = None, False  # no run started (not the main process): nothing logged
     log_images(trainer, 41, images, ["a", "b"])
     assert len(wandb.calls) == len(trackio.calls) == 1
+
+
+def _fake_wandb(monkeypatch) -> types.ModuleType:
+    """Just enough of `wandb` for transformers' `WandbCallback` to run a whole training; artifacts are recorded."""
+    wandb = types.ModuleType("wandb")
+    wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # found by transformers' is_wandb_available
+    wandb.artifacts = []
+
+    class Artifact:
+        def __init__(self, name, type, metadata=None):
+            self.name, self.type, self.metadata, self.files = name, type, metadata, {}
+
+        @contextlib.contextmanager
+        def new_file(self, name, mode="wb"):
+            buffer = io.BytesIO()
+            yield buffer
+            self.files[name] = buffer.getvalue()
+
+    class Run:
+        id, name, url, summary = "run-id", "run-name", "", {}
+
+        def _label(self, **kwargs):
+            pass
+
+        def log_artifact(self, artifact, aliases=()):
+            wandb.artifacts.append((artifact, list(aliases)))
+
+    class Config(dict):
+        def update(self, values, allow_val_change=False):
+            super().update(values)
+
+    def init(**kwargs):
+        wandb.run = Run()
+        return wandb.run
+
+    wandb.Artifact, wandb.init, wandb.run, wandb.config, wandb.summary = Artifact, init, None, Config(), Run.summary
+    wandb.log = wandb.termwarn = wandb.define_metric = wandb.finish = lambda *args, **kwargs: None
+    config_util = types.ModuleType("wandb.sdk.lib.config_util")
+    config_util.ConfigError = type("ConfigError", (Exception,), {})
+    modules = {"wandb": wandb, "wandb.sdk": types.ModuleType("wandb.sdk"), "wandb.sdk.lib.config_util": config_util}
+    modules["wandb.sdk.lib"] = types.ModuleType("wandb.sdk.lib")
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return wandb
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_wandb_final_model_artifact_holds_what_save_model_writes(tmp_path, tiny_sd_path, monkeypatch, lora):
+    """WANDB_LOG_MODEL=end: the artifact is the LoRA in the pipeline's format (or the denoiser) with the run's
+    config, as `save_model` writes them - not a plain Trainer's peft-keyed state dict and pickled training_args.bin."""
+    from safetensors.torch import load_file
+
+    wandb = _fake_wandb(monkeypatch)
+    monkeypatch.setenv("WANDB_LOG_MODEL", "end")
+    args = PolyDPOConfig(
+        output_dir=str(tmp_path / "out"), resolution=16, per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+        save_strategy="no", report_to=["wandb"], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    peft = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]) if lora else None
+    trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=peft)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+
+    (artifact,) = [a for a, aliases in wandb.artifacts if aliases == ["final_model"]]
+    saved = {p.name: p for p in (tmp_path / "saved").iterdir()}
+    assert artifact.name == "model-run-id" and set(artifact.files) == set(saved)
+    weights = "pytorch_lora_weights.safetensors" if lora else "diffusion_pytorch_model.safetensors"
+    uploaded = safetensors_load(artifact.files[weights])
+    expected = load_file(saved[weights])
+    assert uploaded.keys() == expected.keys() and all(uploaded[k].equal(expected[k]) for k in expected)
+    assert artifact.metadata["final_model"] and artifact.metadata["train_loss"] == pytest.approx(0.6931, abs=2e-3)

@@ -53,7 +53,7 @@ from ..utils import stable_seed
 from .cache_builder import cache_settings
 from .model_card import build_model_card
 from .poly_dpo_config import PolyDPOConfig
-from .trackers import make_config_trackable
+from .trackers import make_config_trackable, upload_saved_model_to_wandb
 from .validation import ValidationImagesCallback
 
 logger = logging.get_logger(__name__)
@@ -230,6 +230,7 @@ class PolyDPOTrainer(Trainer):
         )
         # Our loss is a per-batch mean: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
+        upload_saved_model_to_wandb(self)  # W&B's end-of-training model artifact: our saved files, not a pickle
         if args.validation_prompts:
             self.add_callback(
                 ValidationImagesCallback(self, args.validation_prompts, args.validation_steps, seed=args.seed)
