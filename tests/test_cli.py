@@ -289,3 +289,61 @@ def test_processes_that_would_each_train_alone_are_refused(tmp_path, tiny_sd_pat
     assert result.stderr.count("vipo-trl: error: This process is one of 2 launched") == 2, result.stderr[-3000:]
     assert "set use_cpu=True (--use_cpu)" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_trl_datasets_mixture_trains_on_both_sets_and_holds_out_test_split_size(tmp_path, tiny_sd_path, monkeypatch):
+    """The `datasets:` list of a `trl dpo` YAML (TRL's DatasetMixtureConfig): both sets in training, a seeded share
+    held out for evaluation, both named in the model card."""
+    import vipo_trl.trainer
+
+    seen = {}
+
+    class Recording(vipo_trl.trainer.PolyDPOTrainer):
+        def __init__(self, model, args, train_dataset, eval_dataset=None, **kwargs):
+            seen["train"], seen["eval"] = list(train_dataset["caption"]), list(eval_dataset["caption"])
+            super().__init__(model, args, train_dataset, eval_dataset=eval_dataset, **kwargs)
+
+    monkeypatch.setattr(vipo_trl.trainer, "PolyDPOTrainer", Recording)
+    pickapic_dataset(6).to_parquet(str(tmp_path / "a.parquet"))
+    other = pickapic_dataset(6).map(lambda row: {"caption": row["caption"].replace("red", "other")})
+    other.save_to_disk(str(tmp_path / "b"))
+    yaml_file = tmp_path / "mix.yaml"
+    yaml_file.write_text(
+        f"model_name_or_path: {tiny_sd_path}\n"
+        f"datasets:\n  - path: {tmp_path / 'a.parquet'}\n  - path: {tmp_path / 'b'}\n    split: train\n"
+        "test_split_size: 0.25\neval_strategy: steps\neval_steps: 2\nsave_strategy: steps\nsave_steps: 2\n"
+        "use_peft: true\nlora_r: 4\n"
+    )
+    args = [a for a in common(tmp_path) if a not in ("--save_strategy", "no")]
+    main(["train", "--config", str(yaml_file), *args])
+
+    assert len(seen["train"]) == 9 and len(seen["eval"]) == 3 and not set(seen["train"]) & set(seen["eval"])
+    assert {c.split()[1] for c in seen["train"] + seen["eval"]} == {"red", "other"}
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert any("eval_loss" in entry for entry in state["log_history"])
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"{tmp_path / 'a.parquet'}, {tmp_path / 'b'}" in card
+
+
+def test_a_datasets_mixture_is_refused_with_one_line_when_it_cannot_be_used(tmp_path, tiny_sd_path, parquet, capsys):
+    pickapic_dataset(4).save_to_disk(str(tmp_path / "b"))
+    mixture = f"model_name_or_path: {tiny_sd_path}\ndatasets:\n  - path: {parquet}\n  - path: {tmp_path / 'b'}\n"
+    cases = [
+        ("dataset_name: x\n", "give --dataset_name or a `datasets:` mixture, not both"),
+        ("eval_strategy: steps\n", "has the split(s) ['train'], not 'test' (set test_split_size"),
+        ("  - pth: y\n", "datasets[2] has the unknown key 'pth'. Did you mean 'path'?"),
+    ]
+    for extra, message in cases:
+        (tmp_path / "mix.yaml").write_text(mixture + extra)
+        with pytest.raises(SystemExit):
+            main(["train", "--config", str(tmp_path / "mix.yaml"), *common(tmp_path)])
+        assert message in capsys.readouterr().err
+
+
+def test_cache_command_builds_one_cache_of_a_datasets_mixture(tmp_path, tiny_sd_path, parquet):
+    pickapic_dataset(4).save_to_disk(str(tmp_path / "b"))
+    (tmp_path / "mix.yaml").write_text(f"datasets:\n  - path: {parquet}\n  - path: {tmp_path / 'b'}\n")
+    main(["cache", "--config", str(tmp_path / "mix.yaml"), "--model_name_or_path", tiny_sd_path, "--cache_output",
+          str(tmp_path / "cache"), "--resolution", "16", "--output_dir", str(tmp_path / "unused")])  # fmt: skip
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_pairs"] == 6 + 4 and manifest["skipped"] == {"tie": 1}

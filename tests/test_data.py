@@ -1,6 +1,7 @@
 """Data: both schemas, Pick-a-Pic orientation and ties, image forms, and errors that name row and column."""
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -261,3 +262,60 @@ def test_category_balanced_sampler_evens_out_categories_and_replays_an_epoch():
     first = list(sampler)
     sampler.set_epoch(4)
     assert list(sampler) == first and len(first) == 100
+
+
+def _generic_set(tag: str, n: int) -> Dataset:
+    return Dataset.from_dict(
+        {"prompt": [f"{tag} {i}" for i in range(n)], "chosen": [png_bytes((200, 0, 0))] * n,
+         "rejected": [png_bytes((0, 0, 200))] * n, "extra": [i for i in range(n)]}
+    )  # fmt: skip
+
+
+def _mixture(*entries: dict, **settings):
+    from trl import DatasetMixtureConfig
+
+    return DatasetMixtureConfig(datasets=[dict(e) for e in entries], **settings)
+
+
+def test_a_mixture_stacks_the_sets_and_takes_trls_fractions(tmp_path):
+    from vipo_trl.data import load_dataset_mixture
+
+    _generic_set("a", 8).to_parquet(str(tmp_path / "a.parquet"))
+    _generic_set("b", 8).save_to_disk(str(tmp_path / "b"))
+    a, b = {"path": str(tmp_path / "a.parquet")}, {"path": str(tmp_path / "b")}
+
+    whole = load_dataset_mixture(_mixture(a, b))
+    assert list(whole) == ["train"] and list(whole["train"]["prompt"]) == [f"a {i}" for i in range(8)] + [
+        f"b {i}" for i in range(8)
+    ]
+    # Shares 1:3 of two 8-row sets: the largest mixture without repeats is 8 / 0.75 = 10.67 rows, so
+    # round(0.25 * 10.67) = 3 rows of a and round(0.75 * 10.67) = 8 of b, each set's first rows.
+    shared = load_dataset_mixture(_mixture({**a, "fraction": 1}, {**b, "fraction": 3}))["train"]
+    assert list(shared["prompt"]) == ["a 0", "a 1", "a 2"] + [f"b {i}" for i in range(8)]
+    # `columns` keeps those; a held-out share drawn with the seed: the same rows each time, none in both splits
+    columns = ["prompt", "chosen", "rejected"]
+    kept = _mixture({**a, "columns": columns}, {**b, "columns": columns}, test_split_size=0.25)
+    split = load_dataset_mixture(kept, seed=3)
+    assert split["train"].column_names == ["prompt", "chosen", "rejected"] and split["test"].num_rows == 4
+    assert sorted(list(split["train"]["prompt"]) + list(split["test"]["prompt"])) == sorted(
+        list(whole["train"]["prompt"])
+    )
+    assert list(load_dataset_mixture(kept, seed=3)["test"]["prompt"]) == list(split["test"]["prompt"])
+
+
+def test_a_mixture_that_cannot_be_stacked_is_refused_naming_the_set(tmp_path):
+    from vipo_trl.data import load_dataset_mixture
+
+    _generic_set("a", 4).to_parquet(str(tmp_path / "a.parquet"))
+    pickapic_dataset(4).save_to_disk(str(tmp_path / "pickapic"))
+    a = {"path": str(tmp_path / "a.parquet")}
+    cases = [
+        (_mixture(a, {"path": str(tmp_path / "pickapic")}), "datasets[1] (" + str(tmp_path / "pickapic")),
+        (_mixture(a, {**a, "columns": ["prompt", "chosen", "rejected"]}), "same columns"),
+        (_mixture({**a, "columns": ["prompt", "image"]}), "no column(s) ['image']"),
+        (_mixture({**a, "fraction": 1}, a), "every set of the mixture or for none"),
+        (_mixture(), "names no dataset"),
+    ]
+    for mixture, message in cases:
+        with pytest.raises(PreferenceDataError, match=re.escape(message)):
+            load_dataset_mixture(mixture)

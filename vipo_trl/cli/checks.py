@@ -89,34 +89,35 @@ def check_aligned(name: str) -> None:
         raise CliError(f"--lora {exc}") from None
 
 
-def check_dataset_name(name: str) -> None:
+def check_dataset_name(name: str, flag: str = "--dataset_name") -> None:
     """A local dataset must exist and hold something."""
     if not looks_local(name):
         return
     path = os.path.expanduser(name)
     if not os.path.exists(path):
-        raise CliError(f"--dataset_name {name}: no such file or folder (nor is it a hub id like 'org/name').")
+        raise CliError(f"{flag} {name}: no such file or folder (nor is it a hub id like 'org/name').")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise CliError(f"--dataset_name {name}: the file is empty.")
+        raise CliError(f"{flag} {name}: the file is empty.")
     if os.path.isdir(path) and not any(not f.startswith(".") for f in os.listdir(path)):
-        raise CliError(f"--dataset_name {name}: the folder is empty.")
+        raise CliError(f"{flag} {name}: the folder is empty.")
 
 
-def check_dataset(dataset: Any, name: str, options: Any) -> None:
-    """The loaded dataset has rows and the columns its schema needs (checked on the column names, before training)."""
+def check_dataset(dataset: Any, where: str, options: Any) -> None:
+    """The loaded dataset has rows and the columns its schema needs (checked on the column names, before training).
+    `where` names it in errors (`--dataset_name NAME`)."""
     from ..data import PreferenceDataError, is_latent_cache
 
     if is_latent_cache(dataset):
         return
     rows = getattr(dataset, "num_rows", None)
     if rows == 0:
-        raise CliError(f"--dataset_name {name}: the dataset has no rows.")
+        raise CliError(f"{where}: the dataset has no rows.")
     names = getattr(dataset, "column_names", None)
     if names:
         try:
             options.columns_of(names)
         except PreferenceDataError as exc:
-            raise CliError(f"--dataset_name {name}: {exc}") from None
+            raise CliError(f"{where}: {exc}") from None
     if rows is None:
         return  # a stream: its rows are checked as they come
     # Labels (ties, bad values) and the first decodable pair, read now rather than after the model has loaded.
@@ -126,7 +127,7 @@ def check_dataset(dataset: Any, name: str, options: Any) -> None:
         pairs = pairs_from_options(dataset, options, 1)
         pairs[0]
     except PreferenceDataError as exc:
-        raise CliError(f"--dataset_name {name}: {exc}") from None
+        raise CliError(f"{where}: {exc}") from None
 
 
 def check_output_dir(config: Any) -> None:

@@ -27,12 +27,13 @@ def parser_for(command: str) -> Any:
     )
 
     if command in ("train", "cache"):
-        from trl import ModelConfig, ScriptArguments
+        from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
         from ..trainer import PolyDPOConfig
 
         middle = [CacheArguments] if command == "cache" else [TrainArguments]
-        types = [ScriptArguments, ModelConfig, *middle, PolyDPOConfig]
+        # As `trl dpo`: a YAML's `datasets:` list (with `streaming`, `test_split_size`) mixes several sets.
+        types = [ScriptArguments, ModelConfig, *middle, PolyDPOConfig, DatasetMixtureConfig]
     else:
         types = [{"eval": EvalArguments, "pairs": PairsArguments, "diagnose": DiagnoseArguments}[command]]
     return VipoArgumentParser(types, prog=f"vipo-trl {command}")

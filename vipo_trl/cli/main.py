@@ -26,6 +26,40 @@ commands:
 `vipo-trl <command> --help` lists every flag; `--config run.yaml` reads them from a file."""
 
 
+def _training_data(script: Any, mixture: Any, config: Any, with_eval: bool) -> tuple[Any, Any, str]:
+    """The training set, the held-out set (when `with_eval`) and how errors name them: from --dataset_name, or from
+    a YAML's `datasets:` mixture (TRL's `DatasetMixtureConfig`), whose splits are `train` and, with
+    `test_split_size`, `test`."""
+    if not mixture.datasets:
+        train = _load_dataset(script, script.dataset_train_split)
+        held_out = _load_dataset(script, script.dataset_test_split) if with_eval else None
+        return train, held_out, f"--dataset_name {script.dataset_name}"
+    from ..data import PreferenceDataError, load_dataset_mixture
+    from . import checks
+
+    if script.dataset_name is not None:
+        raise CliError("give --dataset_name or a `datasets:` mixture, not both (trl dpo would ignore --dataset_name).")
+    if not all(hasattr(entry, "path") for entry in mixture.datasets):
+        raise CliError("`datasets:` is a list of entries such as `- path: pickapic_v2/`, written in a --config file.")
+    for entry in mixture.datasets:
+        if getattr(entry, "data_files", None) is None and getattr(entry, "data_dir", None) is None:
+            checks.check_dataset_name(entry.path, "datasets: path")
+    try:
+        splits = load_dataset_mixture(mixture, seed=config.seed)
+    except PreferenceDataError as exc:
+        raise CliError(str(exc)) from None
+    except (ValueError, OSError) as exc:
+        message = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise CliError(f"datasets: cannot read the mixture: {message}") from None
+    wanted = [script.dataset_train_split, *([script.dataset_test_split] if with_eval else [])]
+    for split in wanted:
+        if split not in splits:
+            extra = "" if mixture.test_split_size is not None else " (set test_split_size to hold some rows out)"
+            raise CliError(f"the `datasets:` mixture has the split(s) {list(splits)}, not {split!r}{extra}.")
+    held_out = splits[script.dataset_test_split] if with_eval else None
+    return splits[script.dataset_train_split], held_out, "the `datasets:` mixture"
+
+
 def _load_dataset(script: Any, split: str) -> Any:
     from ..data import load_preference_dataset
 
@@ -79,10 +113,10 @@ def train(argv: list[str]) -> None:
     from . import checks
 
     parser = parser_for("train")
-    script, model_args, train_args, config = parser.parse(argv)
+    script, model_args, train_args, config, mixture = parser.parse(argv)
     if script.ignore_bias_buffers:
         raise CliError("--ignore_bias_buffers is for language models trained with DDP; it has no effect here.")
-    if model_args.model_name_or_path is None and script.dataset_name is None:
+    if model_args.model_name_or_path is None and script.dataset_name is None and not mixture.datasets:
         if train_args.ref_model:
             raise CliError("--ref_model needs --model_name_or_path and --dataset_name; the embedded default has none.")
         if train_args.reward_scorers:
@@ -101,11 +135,12 @@ def train(argv: list[str]) -> None:
                 print(f"vipo-trl: {threads} of {os.cpu_count()} CPU threads (set OMP_NUM_THREADS to choose)")
         run_default(config)
         return
-    if model_args.model_name_or_path is None or script.dataset_name is None:
+    if model_args.model_name_or_path is None or (script.dataset_name is None and not mixture.datasets):
         raise CliError("name both --model_name_or_path and --dataset_name (or neither, to run the embedded default).")
     # Everything the user named is checked before any model is loaded.
     checks.check_model(model_args.model_name_or_path)
-    checks.check_dataset_name(script.dataset_name)
+    if script.dataset_name is not None:
+        checks.check_dataset_name(script.dataset_name)
     if train_args.ref_model:
         checks.check_ref_model(train_args.ref_model)
     if train_args.reward_scorers and not config.validation_prompts:
@@ -113,9 +148,8 @@ def train(argv: list[str]) -> None:
     checks.check_output_dir(config)
     peft_config, quantization_config = _trainer_inputs(model_args, config)
     checks.check_resume(config, peft_config)
-    train_dataset = _load_dataset(script, script.dataset_train_split)
-    checks.check_dataset(train_dataset, script.dataset_name, config.data_options())
-    eval_dataset = _load_dataset(script, script.dataset_test_split) if config.eval_strategy != "no" else None
+    train_dataset, eval_dataset, where = _training_data(script, mixture, config, config.eval_strategy != "no")
+    checks.check_dataset(train_dataset, where, config.data_options())
     trainer = PolyDPOTrainer(
         model_args.model_name_or_path,
         config,
@@ -125,7 +159,7 @@ def train(argv: list[str]) -> None:
         quantization_config=quantization_config,
         ref_model=train_args.ref_model,
     )
-    trainer.dataset_name = script.dataset_name
+    trainer.dataset_name = script.dataset_name or [entry.path for entry in mixture.datasets]
     if train_args.reward_scorers:
         from ..eval import RewardEvalCallback
 
@@ -150,13 +184,13 @@ def cache(argv: list[str]) -> None:
     from ..trainer import build_latent_cache
 
     parser = parser_for("cache")
-    script, model_args, cache_args, config = parser.parse(argv)
-    if not (model_args.model_name_or_path and script.dataset_name and cache_args.cache_output):
-        raise CliError("cache needs --model_name_or_path, --dataset_name and --cache_output.")
+    script, model_args, cache_args, config, mixture = parser.parse(argv)
+    if not (model_args.model_name_or_path and (script.dataset_name or mixture.datasets) and cache_args.cache_output):
+        raise CliError("cache needs --model_name_or_path, --dataset_name (or `datasets:`) and --cache_output.")
     _trainer_inputs(model_args, config)
     folder = build_latent_cache(
         model_args.model_name_or_path,
-        _load_dataset(script, script.dataset_train_split),
+        _training_data(script, mixture, config, with_eval=False)[0],
         cache_args.cache_output,
         config,
         shard_size=cache_args.shard_size,

@@ -418,4 +418,24 @@ def _check_config_file(path: str, valid: set[str]) -> dict[str, Any]:
     env = values.get("env", {})
     if not isinstance(env, dict):
         raise CliError(f"--config {path}: `env` must be a mapping of VARIABLE: value.")
+    if "datasets" in values and "datasets" in valid:
+        _check_mixture_entries(path, values["datasets"])
     return values
+
+
+def _check_mixture_entries(path: str, entries: Any) -> None:
+    """`datasets:` (TRL's `DatasetMixtureConfig`) is a list of mappings of `trl.scripts.utils.DatasetConfig` keys."""
+    from trl.scripts.utils import DatasetConfig
+
+    keys = [f.name for f in dataclasses.fields(DatasetConfig)]
+    example = "`datasets:` followed by entries such as `  - path: pickapic_v2/` (keys: " + ", ".join(keys) + ")"
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise CliError(f"--config {path}: write {example}.")
+    for i, entry in enumerate(entries):
+        unknown = [key for key in entry if key not in keys]
+        if unknown:
+            raise CliError(
+                f"--config {path}: datasets[{i}] has the unknown key {unknown[0]!r}.{_hint(unknown[0], set(keys))}"
+            )
+        if "path" not in entry:
+            raise CliError(f"--config {path}: datasets[{i}] has no `path`; write {example}.")

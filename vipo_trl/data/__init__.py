@@ -3,7 +3,7 @@ caches, loading datasets and prompt sets. Depends on no model or trainer module 
 
 from .cache import LatentCacheCollator, LatentCacheDataset, is_latent_cache, read_manifest
 from .images import BAD_ROW_REASONS, BadRow, PreferenceDataError, decode_image, decode_media, paired_transform
-from .loading import load_preference_dataset
+from .loading import load_dataset_mixture, load_preference_dataset
 from .preference import (
     PICKAPIC_COLUMNS,
     DataOptions,
@@ -40,6 +40,7 @@ __all__ = [
     "decode_video",
     "is_latent_cache",
     "load_pair",
+    "load_dataset_mixture",
     "load_preference_dataset",
     "load_prompt_set",
     "looks_like_video",

@@ -91,3 +91,82 @@ def resolve_relative_media_paths(dataset: Any, base_dir: str) -> Any:
     if not columns:
         return dataset
     return dataset.map(lambda row: {column: relocated(row[column]) for column in columns})
+
+
+def load_dataset_mixture(mixture: Any, seed: int = 0) -> Any:
+    """The rows of several preference sets as one `DatasetDict` (`"train"`, and `"test"` with `test_split_size`),
+    from TRL's dataset mixture: a `trl.DatasetMixtureConfig`, which is the `datasets:` list of a `trl dpo` YAML.
+
+    Each entry is read as `load_preference_dataset` reads one set (hub id, `save_to_disk` folder, data file or folder
+    of them; `data_files`/`data_dir` go to `datasets.load_dataset` with `path` as the builder or repo), then cut to
+    its `columns`. The sets are concatenated, so they must have the same columns (and column types): a Pick-a-Pic set
+    and a prompt/chosen/rejected set cannot be mixed. `fraction` works as in TRL's `get_dataset`: the shares are
+    normalised, and the mixture is as large as it can be without repeating a row, each set giving its first rows.
+    `test_split_size` holds out that share (or that many rows) of the mixture, drawn with `seed` so that a resumed
+    run holds out the same rows."""
+    from datasets import DatasetDict, IterableDatasetDict, concatenate_datasets, load_dataset
+
+    entries = list(getattr(mixture, "datasets", None) or [])
+    if not entries:
+        raise PreferenceDataError("datasets: the mixture names no dataset; give each as a `- path: ...` entry")
+    if any(not hasattr(entry, "path") for entry in entries):
+        raise PreferenceDataError(
+            "datasets: each entry is a mapping such as `- path: pickapic_v2/` (with optional name, data_dir, "
+            "data_files, split, columns, fraction), written in a --config YAML file"
+        )
+    streaming = bool(mixture.streaming)
+    fractions = [entry.fraction for entry in entries]
+    if any(f is not None for f in fractions):
+        if any(f is None for f in fractions):
+            raise PreferenceDataError("datasets: give `fraction` for every set of the mixture or for none")
+        if any(f < 0 for f in fractions) or sum(fractions) <= 0:
+            raise PreferenceDataError(f"datasets: fractions must be >= 0 and not all 0, got {fractions}")
+        if streaming:
+            raise PreferenceDataError("datasets: `fraction` needs the sets' lengths; a streamed mixture has none")
+    parts = []
+    for i, entry in enumerate(entries):
+        where = f"datasets[{i}] ({entry.path})"
+        if entry.data_files is not None or entry.data_dir is not None:
+            part = load_dataset(
+                entry.path, entry.name, data_dir=entry.data_dir, data_files=entry.data_files, split=entry.split,
+                streaming=streaming,
+            )  # fmt: skip
+            base = entry.data_dir if entry.data_dir and os.path.isdir(entry.data_dir) else None
+            part = resolve_relative_media_paths(part, os.path.abspath(base)) if base else part
+        else:
+            part = load_preference_dataset(entry.path, entry.name, entry.split, streaming)
+        if isinstance(part, str):
+            raise PreferenceDataError(
+                f"{where} is a latent cache, which cannot be mixed with other sets: build one cache of the whole "
+                "mixture instead (vipo-trl cache --config <this file> --cache_output DIR)"
+            )
+        if entry.columns is not None:
+            missing = [c for c in entry.columns if c not in part.column_names]
+            if missing:
+                raise PreferenceDataError(f"{where}: no column(s) {missing} to keep; it has {part.column_names}")
+            part = part.select_columns(entry.columns)
+        columns = set(part.column_names or ())
+        if parts and parts[0].column_names is not None and columns != set(parts[0].column_names):
+            raise PreferenceDataError(
+                f"{where} has the columns {part.column_names} and datasets[0] ({entries[0].path}) has "
+                f"{parts[0].column_names}: a mixture stacks rows, so every set needs the same columns (keep the "
+                "common ones with `columns:`; a Pick-a-Pic set and a prompt/chosen/rejected set cannot be mixed)"
+            )
+        parts.append(part)
+    if fractions[0] is not None:
+        weights = [f / sum(fractions) for f in fractions]
+        total = min(len(part) / w for part, w in zip(parts, weights) if w > 0)
+        parts = [part.select(range(min(len(part), round(w * total)))) for part, w in zip(parts, weights)]
+    try:
+        rows = concatenate_datasets(parts)
+    except ValueError as exc:  # the same names, different types (an Image column beside a binary one)
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise PreferenceDataError(
+            f"datasets: the sets' columns have different types, so they cannot be stacked ({first}); cast them to "
+            "the same features, e.g. store every image column the same way (image bytes or Image())"
+        ) from None
+    if mixture.test_split_size is None:
+        return (IterableDatasetDict if streaming else DatasetDict)({"train": rows})
+    if streaming:
+        raise PreferenceDataError("datasets: test_split_size cannot split a streamed mixture; give a held-out set")
+    return rows.train_test_split(test_size=mixture.test_split_size, seed=seed)

@@ -179,8 +179,9 @@ def _is_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
-def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None) -> ModelCard:
-    """A `huggingface_hub.ModelCard` describing how `trainer` produced its model."""
+def build_model_card(trainer: Any, repo_id: str, dataset_name: str | list[str] | None = None) -> ModelCard:
+    """A `huggingface_hub.ModelCard` describing how `trainer` produced its model; `dataset_name` may list the sets
+    of a mixture."""
     from .._version import __version__
 
     args, family = trainer.args, trainer.family
@@ -190,10 +191,11 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
     tags = [*TAGS, *(m.lower().replace(" ", "-").replace("_", "-") for m in methods)]
     tags.append("lora" if trainer.is_lora else "full-fine-tune")
     tags.append("text-to-video" if family.is_video else "text-to-image")
+    names = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name or [])
     # The Hub accepts only repo ids in this metadata (a local folder is named in the card's text instead), as TRL.
     card_data = ModelCardData(
         base_model=family.name_or_path if _is_hub_id(family.name_or_path) else None,
-        datasets=[dataset_name] if _is_hub_id(dataset_name) else None,
+        datasets=[name for name in names if _is_hub_id(name)] or None,
         library_name="diffusers",
         pipeline_tag="text-to-video" if family.is_video else "text-to-image",
         tags=tags,
@@ -202,7 +204,7 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | None = None
     training = {
         "base model": base_model,
         "pipeline": pipeline_class,
-        "dataset": dataset_name or "(not recorded)",
+        "dataset": ", ".join(names) or "(not recorded)",
         "loss": losses,
         "beta (resolved)": trainer.beta,
         # The settings of the losses trained with (a Diffusion-DPO run's card shows no poly_alpha)

@@ -256,8 +256,8 @@ class PolyDPOTrainer(Trainer):
         self.skipped_rows.update(reason for _, reason in getattr(train_pairs, "label_skips", []))
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
         self._nonfinite_since_log = 0
-        #: Recorded in the model card; the command line sets it from --dataset_name.
-        self.dataset_name: str | None = _dataset_name(train_dataset)
+        #: Recorded in the model card; the command line sets it from --dataset_name (a list: a mixture's sets).
+        self.dataset_name: str | list[str] | None = _dataset_name(train_dataset)
         self._skipped_since_log: Counter[str] = Counter()
 
     def _prepare_denoiser(self, args: PolyDPOConfig, peft_config: Any, ref_model: Any) -> None:
@@ -765,7 +765,9 @@ class PolyDPOTrainer(Trainer):
         config = getattr(self.accelerator.unwrap_model(self.model), "peft_config", {}).get("default")
         return getattr(config, "r", None)
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, **kwargs) -> None:
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | list[str] | None = None, **kwargs
+    ) -> None:
         """Write `README.md` in `output_dir`: base model, dataset, loss and its parameters, steps, final metrics, a
         sample grid when one was saved, and the snippet that loads the result into the family's pipeline. Called by
         `push_to_hub`."""
