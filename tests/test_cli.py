@@ -347,3 +347,20 @@ def test_cache_command_builds_one_cache_of_a_datasets_mixture(tmp_path, tiny_sd_
           str(tmp_path / "cache"), "--resolution", "16", "--output_dir", str(tmp_path / "unused")])  # fmt: skip
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_pairs"] == 6 + 4 and manifest["skipped"] == {"tie": 1}
+
+
+def test_trl_dpo_fields_without_a_counterpart_say_why_instead_of_a_misleading_nearest_name(tmp_path, capsys):
+    from vipo_trl.cli.parser import FROM_TRL_DPO
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for field, reason in FROM_TRL_DPO.items():
+        (tmp_path / "dpo.yaml").write_text(f"{field}: 1\n")
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--config", str(tmp_path / "dpo.yaml")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"unknown key {field!r}" in err, err
+        assert f"That is a field of trl's DPOConfig; here: {reason}." in err and "Did you mean" not in err
+        assert f"`{field}`" in docs  # and docs/cli.md's table lists it
+    with pytest.raises(SystemExit):
+        main(["train", "--max_length", "1024"])
+    assert "here: a sample's size is --resolution" in capsys.readouterr().err

@@ -296,9 +296,47 @@ FROM_DIFFUSION_DPO_SCRIPTS = {
 }
 
 
+#: Fields of `trl.DPOConfig` with no counterpart here -> why, and what to write instead (docs/cli.md, "Coming from
+#: `trl dpo`", lists them all). Without it the closest name would mislead (`max_length` -> `max_sequence_length`).
+FROM_TRL_DPO = {
+    "max_length": "a sample's size is --resolution (and SD3/FLUX/Wan's prompt tokens --max_sequence_length)",
+    "max_prompt_length": "prompts are cut by the text encoder (SD3/FLUX/Wan: --max_sequence_length)",
+    "max_completion_length": "a sample's size is --resolution",
+    "truncation_mode": "image pairs are not truncated: drop it",
+    "padding_free": "image pairs are not padded: drop it",
+    "pad_to_multiple_of": "image pairs are not padded: drop it",
+    "pad_token": "image pairs are not padded: drop it",
+    "padding_value": "image pairs are not padded: drop it",
+    "dataset_num_proc": "images are decoded as batches are drawn: --dataloader_num_workers N decodes in N processes",
+    "model_init_kwargs": "the pipeline loads with --revision, --variant and --torch_dtype; for anything else pass a "
+    "pipeline you loaded yourself (PolyDPOTrainer(model=pipe))",
+    "trust_remote_code": "the pipeline's own diffusers classes are used: drop it",
+    "router_aux_loss_coef": "for mixture-of-experts language models: drop it",
+    "disable_dropout": "diffusers' denoisers train without dropout (their configs set 0); LoRA's own is --lora_dropout",
+    "precompute_ref_log_probs": "every step draws new noise and timesteps, so the reference's errors cannot be "
+    "computed ahead; with LoRA the reference is the same network with its adapters off, and a latent cache "
+    "(vipo-trl cache) saves the encoders' work",
+    "precompute_ref_batch_size": "the reference cannot be computed ahead (see precompute_ref_log_probs): drop it",
+    "ld_alpha": "LD-DPO weighs text by length; images have none (Poly-DPO's alpha is --poly_alpha, another thing)",
+    "f_divergence_type": "the losses are --loss_type's (register another with vipo_trl.losses.register_loss)",
+    "f_alpha_divergence_coef": "the losses are --loss_type's (register another with vipo_trl.losses.register_loss)",
+    "use_weighting": "WPO's weighting is not built in (register it with vipo_trl.losses.register_loss); "
+    "--loss_weighting is the flow-matching timestep weighting, another thing",
+    "discopop_tau": "DiscoPOP is not built in: register it with vipo_trl.losses.register_loss",
+    "rpo_alpha": "--loss_type poly_dpo sft --loss_weights 1 A (the chosen image's denoising error as the NLL term)",
+    "activation_offloading": "not available for diffusers denoisers here; --gradient_checkpointing saves activations",
+    "sync_ref_model": "TR-DPO's reference updates are not built in: the reference stays fixed (train a next round "
+    "against this run with --ref_model OUTPUT_DIR)",
+    "ref_model_mixup_alpha": "TR-DPO's reference updates are not built in (see sync_ref_model)",
+    "ref_model_sync_steps": "TR-DPO's reference updates are not built in (see sync_ref_model)",
+}
+
+
 def _hint(name: str, valid: set[str]) -> str:
     if RENAMED.get(name) in valid:
         return f" Did you mean {RENAMED[name]!r}?"
+    if name in FROM_TRL_DPO:
+        return f" That is a field of trl's DPOConfig; here: {FROM_TRL_DPO[name]}."
     replacement = FROM_DIFFUSION_DPO_SCRIPTS.get(name)
     if replacement and not replacement.startswith("--"):
         return f" That is a flag of the Diffusion-DPO training scripts: {replacement}."
