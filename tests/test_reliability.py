@@ -146,7 +146,7 @@ def fsdp_full(tmp_path_factory, tiny_sd_path) -> Path:
 
 @pytest.fixture(scope="module")
 def zero3_full(tmp_path_factory, tiny_sd_path) -> Path:
-    return two_process_full_run(zero3_launch(29583), tmp_path_factory.mktemp("zero3-full"), tiny_sd_path)
+    return two_process_full_run(zero3_launch(29586), tmp_path_factory.mktemp("zero3-full"), tiny_sd_path)
 
 
 def assert_full_fine_tuning_equals_one_process(two: Path, one: Path) -> dict:
