@@ -667,3 +667,26 @@ def test_pairs_command_keeps_the_consistent_pairs_of_an_embedded_set(tmp_path, c
     assert all(kept["consistent"]) and all(kept["label_agrees"])
     command = next(line for line in printed.splitlines() if line.startswith("train on it: "))
     assert "--resolution 32" in command and "vipo_trl/default/model" in command
+
+
+def test_a_streamed_set_is_decoded_only_in_the_shards_a_process_makes(monkeypatch):
+    """Under accelerate every process reads the stream, but decodes only its own shards' rows: the same items as the
+    whole stream's, cut where a single process cuts them."""
+    import vipo_trl.data.preference as preference
+    import vipo_trl.eval.rescore as rescore_module
+    from vipo_trl.data import DataOptions, pairs_from_options
+
+    stream = pairs_from_options(_existing_set().to_iterable_dataset(), DataOptions(), 8)
+    everything = dict(rescore_module._shards(stream, 2, None, todo=lambda shard: True))
+    real, decoded = preference.load_pair, []
+
+    def counting(row, row_index, *args, **kwargs):
+        decoded.append(row_index)
+        return real(row, row_index, *args, **kwargs)
+
+    monkeypatch.setattr(preference, "load_pair", counting)
+    mine = dict(rescore_module._shards(stream, 2, None, todo=lambda shard: shard % 2 == 1))  # process 1 of 2
+    assert list(mine) == [1] and decoded == [2, 3]
+    assert [item["row_index"] for item in mine[1]] == [item["row_index"] for item in everything[1]]
+    assert [item["chosen"].tobytes() for item in mine[1]] == [item["chosen"].tobytes() for item in everything[1]]
+    assert sum(len(items) for items in everything.values()) == len(_existing_set())  # a row, an item (or a reason)

@@ -337,19 +337,9 @@ class StreamingPreferencePairs(TorchIterableDataset):
         for row_index, row in enumerate(self.source):
             if row_index < self.start_row or row_index % workers != worker_id:
                 continue
-            try:
-                if self.columns.schema == "pickapic":
-                    if pickapic_winner(row["label_0"], row["label_1"], row_index) is None:
-                        if not self.options.drop_ties:
-                            raise PreferenceDataError(
-                                f"Row {row_index} is a tie (label_0 == label_1): it has no winner to train towards. "
-                                "Set PolyDPOConfig.drop_ties=True to drop ties."
-                            )
-                        skipped.append((row_index, "tie"))
-                        continue
-                item = load_pair(row, row_index, self.columns, self.options)
-            except BadRow as bad:
-                _skip_or_raise(bad, row_index, self.options, skipped)
+            item = decode_row(row, row_index, self.columns, self.options)
+            if isinstance(item, str):
+                skipped.append((row_index, item))
                 continue
             item["skipped"], skipped = skipped, []
             yield _with_augment_seed(item, self.options, self.epoch)
@@ -401,6 +391,24 @@ class PreferenceCollator:
             )
         except ValueError as exc:
             raise PreferenceDataError(f"Row {item.get('row_index')}: {exc}.") from exc
+
+
+def decode_row(row: dict[str, Any], row_index: int, columns: PreferenceColumns, options: DataOptions) -> dict | str:
+    """One row of a stream decoded as training decodes it (`load_pair`), or the reason it is passed over (`"tie"`, a
+    bad row's reason); raises where `options` say to stop (a tie without `drop_ties`, a bad row with `strict`)."""
+    try:
+        if columns.schema == "pickapic" and pickapic_winner(row["label_0"], row["label_1"], row_index) is None:
+            if not options.drop_ties:
+                raise PreferenceDataError(
+                    f"Row {row_index} is a tie (label_0 == label_1): it has no winner to train towards. "
+                    "Set PolyDPOConfig.drop_ties=True to drop ties."
+                )
+            return "tie"
+        return load_pair(row, row_index, columns, options)
+    except BadRow as bad:
+        skipped: list[tuple[int, str]] = []
+        _skip_or_raise(bad, row_index, options, skipped)
+        return bad.reason
 
 
 def _skip_or_raise(bad: BadRow, row_index: int, options: DataOptions, skipped: list[tuple[int, str]]) -> None:

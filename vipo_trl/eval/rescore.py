@@ -132,7 +132,7 @@ def _shards(pairs: Any, size: int, max_pairs: int | None, todo: Callable[[int], 
     """(shard index, that shard's rows: decoded pairs, or the reason a bad row is skipped) for each shard `todo` says
     to make. Shards are blocks of `size` usable rows (of a stream: rows read), so a resumed run, or another process,
     cuts them where the first run did."""
-    from ..data.preference import PreferencePairs, decoded_pairs
+    from ..data.preference import PreferencePairs, decode_row, decoded_pairs
 
     if isinstance(pairs, PreferencePairs):  # rows are addressable: a finished shard is not even decoded again
         bound = len(pairs.dataset) if max_pairs is None else min(max_pairs, len(pairs.dataset))
@@ -145,17 +145,19 @@ def _shards(pairs: Any, size: int, max_pairs: int | None, todo: Callable[[int], 
                 items = list(decoded_pairs(pairs, rows[shard * size : (shard + 1) * size]))
                 yield shard, (dropped + items if shard == 0 else items)
         return
-    items, shard, read = [], 0, 0
-    for item in decoded_pairs(pairs):  # a stream is read (and decoded) whole by every process, up to max_pairs
-        items.append(item)
-        read += 1
-        if len(items) == size or read == max_pairs:
-            if todo(shard):
+    # A stream: shard s is rows [s * size, (s + 1) * size) as read; every process reads the whole stream (up to
+    # max_pairs) but decodes only the rows of its own shards, one item (a pair or a skip reason) per row.
+    items: list = []
+    for row_index, row in enumerate(pairs.source):
+        if max_pairs is not None and row_index >= max_pairs:
+            break
+        shard = row_index // size
+        if todo(shard):
+            items.append(decode_row(row, row_index, pairs.columns, pairs.options))
+            if len(items) == size:
                 yield shard, items
-            items, shard = [], shard + 1
-            if read == max_pairs:
-                return
-    if items and todo(shard):
+                items = []
+    if items:
         yield shard, items
 
 
