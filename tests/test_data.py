@@ -319,3 +319,24 @@ def test_a_mixture_that_cannot_be_stacked_is_refused_naming_the_set(tmp_path):
     for mixture, message in cases:
         with pytest.raises(PreferenceDataError, match=re.escape(message)):
             load_dataset_mixture(mixture)
+
+
+def test_a_mixture_of_the_same_columns_stored_differently_names_the_column_and_both_types(tmp_path):
+    """Integer labels beside float ones, or `Image()` columns beside image bytes, cannot be stacked as they are; the
+    mixture is not cast behind the user's back (a cast rewrites a set whole), the error says which column and how."""
+    from datasets import Image as ImageFeature
+    from datasets import Value
+
+    from vipo_trl.data import load_dataset_mixture
+
+    pickapic_dataset(4).to_parquet(str(tmp_path / "a.parquet"))
+    as_ints = pickapic_dataset(4).cast_column("label_0", Value("int64"))
+    as_ints.save_to_disk(str(tmp_path / "ints"))
+    as_images = pickapic_dataset(4).cast_column("jpg_1", ImageFeature())
+    as_images.save_to_disk(str(tmp_path / "images"))
+    a = {"path": str(tmp_path / "a.parquet")}
+    cases = [("ints", "label_0", "int64", "float64"), ("images", "jpg_1", "Image()", "binary")]
+    for name, column, ours, theirs in cases:
+        message = f"stores column {column!r} as {ours} and datasets[0] ({a['path']}) as {theirs}"
+        with pytest.raises(PreferenceDataError, match=re.escape(message)):
+            load_dataset_mixture(_mixture(a, {"path": str(tmp_path / name)}))

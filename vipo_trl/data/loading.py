@@ -157,16 +157,27 @@ def load_dataset_mixture(mixture: Any, seed: int = 0) -> Any:
         weights = [f / sum(fractions) for f in fractions]
         total = min(len(part) / w for part, w in zip(parts, weights) if w > 0)
         parts = [part.select(range(min(len(part), round(w * total)))) for part, w in zip(parts, weights)]
-    try:
-        rows = concatenate_datasets(parts)
-    except ValueError as exc:  # the same names, different types (an Image column beside a binary one)
-        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise PreferenceDataError(
-            f"datasets: the sets' columns have different types, so they cannot be stacked ({first}); cast them to "
-            "the same features, e.g. store every image column the same way (image bytes or Image())"
-        ) from None
+    # Not cast here: casting a set rewrites it whole (every image of it), which is the user's call to make once.
+    for i, part in enumerate(parts[1:], start=1):
+        ours, theirs = getattr(part, "features", None), getattr(parts[0], "features", None)
+        differ = [c for c in (theirs or {}) if ours is not None and c in ours and ours[c] != theirs[c]]
+        if differ:
+            column = differ[0]
+            raise PreferenceDataError(
+                f"datasets[{i}] ({entries[i].path}) stores column {column!r} as {_type_name(ours[column])} and "
+                f"datasets[0] ({entries[0].path}) as {_type_name(theirs[column])}: a mixture stacks rows, so the "
+                f"types must match; cast one set once and save it (e.g. dataset.cast_column({column!r}, ...)"
+                ".save_to_disk(...)), then mix the saved copy"
+            )
+    rows = concatenate_datasets(parts)
     if mixture.test_split_size is None:
         return (IterableDatasetDict if streaming else DatasetDict)({"train": rows})
     if streaming:
         raise PreferenceDataError("datasets: test_split_size cannot split a streamed mixture; give a held-out set")
     return rows.train_test_split(test_size=mixture.test_split_size, seed=seed)
+
+
+def _type_name(feature: Any) -> str:
+    """`Value('int64')` -> "int64", `Image()` -> "Image()": how a column is stored, in a few characters."""
+    dtype = getattr(feature, "dtype", None)
+    return dtype if type(feature).__name__ == "Value" and dtype else f"{type(feature).__name__}()"
