@@ -341,9 +341,8 @@ def test_a_datasets_mixture_is_refused_with_one_line_when_it_cannot_be_used(tmp_
 
 
 def test_cache_command_builds_one_cache_of_a_datasets_mixture(tmp_path, tiny_sd_path, parquet):
-    pickapic_dataset(4).save_to_disk(str(tmp_path / "b"))
-    (tmp_path / "mix.yaml").write_text(f"datasets:\n  - path: {parquet}\n  - path: {tmp_path / 'b'}\n")
-    main(["cache", "--config", str(tmp_path / "mix.yaml"), "--model_name_or_path", tiny_sd_path, "--cache_output",
+    pickapic_dataset(4).save_to_disk(str(tmp_path / "b"))  # the sets as flags (the train test gives them in YAML)
+    main(["cache", "--datasets", parquet, str(tmp_path / "b"), "--model_name_or_path", tiny_sd_path, "--cache_output",
           str(tmp_path / "cache"), "--resolution", "16", "--output_dir", str(tmp_path / "unused")])  # fmt: skip
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_pairs"] == 6 + 4 and manifest["skipped"] == {"tie": 1}
