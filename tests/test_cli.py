@@ -363,3 +363,16 @@ def test_trl_dpo_fields_without_a_counterpart_say_why_instead_of_a_misleading_ne
     with pytest.raises(SystemExit):
         main(["train", "--max_length", "1024"])
     assert "here: a sample's size is --resolution" in capsys.readouterr().err
+
+
+def test_dataset_streaming_streams_a_datasets_mixture_too(tmp_path, parquet):
+    """TRL has two names for it (ScriptArguments.dataset_streaming, DatasetMixtureConfig.streaming): either streams."""
+    from vipo_trl.cli.help import parser_for
+    from vipo_trl.cli.main import _training_data
+
+    for flag in ("--dataset_streaming", "--streaming"):
+        argv = ["--datasets", parquet, parquet, flag, "true", "--output_dir", str(tmp_path)]
+        script, _, _, config, mixture = parser_for("train").parse(argv)
+        train, held_out, where = _training_data(script, mixture, config, with_eval=False)
+        assert type(train).__name__ == "IterableDataset" and held_out is None and where == "the `datasets:` mixture"
+        assert sum(1 for _ in train) == 2 * 7  # both sets, ties included (they are dropped as pairs are read)

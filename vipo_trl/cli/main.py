@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -44,6 +45,8 @@ def _training_data(script: Any, mixture: Any, config: Any, with_eval: bool) -> t
     for entry in mixture.datasets:
         if getattr(entry, "data_files", None) is None and getattr(entry, "data_dir", None) is None:
             checks.check_dataset_name(entry.path, "datasets: path")
+    if script.dataset_streaming and not mixture.streaming:  # TRL's two names for it; either streams the mixture
+        mixture = dataclasses.replace(mixture, streaming=True)
     try:
         splits = load_dataset_mixture(mixture, seed=config.seed)
     except PreferenceDataError as exc:
