@@ -796,3 +796,54 @@ def test_a_datasetdict_missing_columns_or_an_endless_stream_are_refused_before_t
     monkeypatch.undo()
     trainer = PolyDPOTrainer(tiny_sd_path, config(tmp_path), data, eval_dataset=DatasetDict(a=data, b=data))
     assert set(trainer.eval_dataset) == {"a", "b"}
+
+
+def test_start_from_an_earlier_run_trains_on_top_of_it_and_the_card_rebuilds_the_result(tmp_path, tiny_sd_path):
+    """SFT, then Poly-DPO: the second stage starts from the SFT run's LoRA fused into the base (policy = reference =
+    that model at step 0), and the model card's loading code rebuilds exactly the trained model."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    sft = PolyDPOTrainer(
+        tiny_sd_path, config(tmp_path, output_dir=str(tmp_path / "sft"), loss_type=["sft"], learning_rate=5e-2),
+        pickapic_dataset(8), peft_config=lora(),
+    )  # fmt: skip
+    sft.train()
+    sft.save_model()
+    dpo = PolyDPOTrainer(
+        tiny_sd_path, config(tmp_path, output_dir=str(tmp_path / "dpo"), learning_rate=5e-2), pickapic_dataset(8),
+        peft_config=lora(), start_from=str(tmp_path / "sft"),
+    )  # fmt: skip
+
+    batch = one_batch(dpo)
+    latents = dpo.family.encode_images(batch["pixel_values_chosen"], dpo._pair_generators(batch["row_index"], 0))
+    cond, t = dpo.family.encode_conditioning(batch), torch.tensor([10, 500])
+
+    def prediction(unet):
+        with torch.no_grad():
+            return unet(latents, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    fused = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    fused.load_lora_weights(str(tmp_path / "sft"))
+    sft_model = prediction(fused.unet)
+    with torch.no_grad():
+        reference = dpo._reference_prediction(dpo.model, latents, t, cond)
+    torch.testing.assert_close(reference, sft_model, rtol=1e-4, atol=1e-5)  # the reference is the SFT model
+    with torch.no_grad():
+        policy = dpo.family.predict(dpo.model, latents, t, cond, torch.float32)
+    torch.testing.assert_close(policy, reference, rtol=1e-4, atol=1e-4)  # the policy starts there (gaussian A, B=0)
+    base = prediction(UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet"))
+    assert (sft_model - base).abs().max() > 1e-3  # the SFT stage moved the model: starting from it matters
+
+    dpo.train()
+    dpo.save_model()
+    dpo.create_model_card()
+    trained = prediction(dpo.model)
+    card = (tmp_path / "dpo" / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0].replace("torch.bfloat16", "torch.float32")
+    assert f'pipe.load_lora_weights("{tmp_path / "sft"}"); pipe.fuse_lora(); pipe.unload_lora_weights()' in snippet
+    scope = {}
+    exec(snippet.replace('"dpo"', f'"{tmp_path / "dpo"}"'), scope)  # the card's code, as a user runs it
+    torch.testing.assert_close(prediction(scope["pipe"].unet), trained, rtol=1e-4, atol=1e-4)
+    assert json.loads((tmp_path / "dpo" / "vipo_trl_model.json").read_text())["started_from"] == [
+        [str(tmp_path / "sft"), "lora"]
+    ]

@@ -79,14 +79,15 @@ def check_ref_model(name: str) -> None:
         raise CliError(str(exc).replace("--model_name_or_path", "--ref_model", 1)) from None
 
 
-def check_aligned(name: str) -> None:
-    """`--lora` of `eval` and `pairs`: a training run's output (a LoRA, or a full fine-tune's denoiser folder)."""
+def check_aligned(name: str, flag: str = "--lora") -> None:
+    """`--lora` of `eval` and `pairs`, `--start_from` of `train`: a training run's output (a LoRA, or a full
+    fine-tune's denoiser folder)."""
     from ..models.generation import check_aligned_weights
 
     try:
         check_aligned_weights(os.path.expanduser(name))
     except ValueError as exc:
-        raise CliError(f"--lora {exc}") from None
+        raise CliError(f"{flag} {exc}") from None
 
 
 def check_dataset_name(name: str, flag: str = "--dataset_name") -> None:

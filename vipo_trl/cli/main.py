@@ -120,8 +120,10 @@ def train(argv: list[str]) -> None:
     if script.ignore_bias_buffers:
         raise CliError("--ignore_bias_buffers is for language models trained with DDP; it has no effect here.")
     if model_args.model_name_or_path is None and script.dataset_name is None and not mixture.datasets:
-        if train_args.ref_model:
-            raise CliError("--ref_model needs --model_name_or_path and --dataset_name; the embedded default has none.")
+        for flag in ("ref_model", "start_from"):
+            if getattr(train_args, flag):
+                needs = "needs --model_name_or_path and --dataset_name; the embedded default has none."
+                raise CliError(f"--{flag} {needs}")
         if train_args.reward_scorers:
             raise CliError("--reward_scorers needs --model_name_or_path and --dataset_name; the embedded default "
                            "reports its own reward.")  # fmt: skip
@@ -146,6 +148,8 @@ def train(argv: list[str]) -> None:
         checks.check_dataset_name(script.dataset_name)
     if train_args.ref_model:
         checks.check_ref_model(train_args.ref_model)
+    for weights in train_args.start_from or []:
+        checks.check_aligned(weights, "--start_from")
     if train_args.reward_scorers and not config.validation_prompts:
         raise CliError("--reward_scorers scores the images drawn for --validation_prompts: give those prompts too.")
     checks.check_output_dir(config)
@@ -161,6 +165,7 @@ def train(argv: list[str]) -> None:
         peft_config=peft_config,
         quantization_config=quantization_config,
         ref_model=train_args.ref_model,
+        start_from=train_args.start_from,
     )
     trainer.dataset_name = script.dataset_name or [entry.path for entry in mixture.datasets]
     if train_args.reward_scorers:

@@ -27,6 +27,15 @@ class TrainArguments:
             "LoRA, the network with its adapters off)."
         },
     )
+    start_from: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Earlier runs' outputs (a LoRA folder or hub id, or a full fine-tune's folder), fused into the "
+            "base in order before training: the policy starts from that model and, unless --ref_model names "
+            "another, it is the reference too. The second stage of SFT-then-Poly-DPO (train --loss_type sft, then "
+            "--start_from that run), or a round that continues the last."
+        },
+    )
     reward_scorers: list[str] | None = field(
         default=None,
         metadata={

@@ -14,6 +14,7 @@ _EXPORTS = {
     "StableDiffusionXLFamily": ".stable_diffusion_xl",
     "WanFamily": ".wan",
     "family_for_pipeline": ".registry",
+    "fuse_aligned_weights": ".generation",
     "family_from_pipeline": ".registry",
     "load_family": ".registry",
     "register_family": ".registry",

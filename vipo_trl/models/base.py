@@ -68,6 +68,21 @@ class DiffusionFamily(ABC):
         self.device = torch.device("cpu")
         self.name_or_path: str | None = None
 
+    def fuse(self, weights: str) -> None:
+        """Make a training run's output (a LoRA folder or hub id, or a full fine-tune's folder) part of this model's
+        own weights (`generation.fuse_aligned_weights`): training then starts from that model."""
+        from .generation import fuse_aligned_weights
+
+        fuse_aligned_weights(self.pipeline, weights)
+        self.denoiser = getattr(self.pipeline, self.denoiser_name)
+
+    @property
+    def fused_runs(self) -> list[tuple[str, str]]:
+        """The training runs fused into this model's weights, in order: `(weights, "lora" | "denoiser")`."""
+        from .generation import FUSED_RUNS_ATTRIBUTE
+
+        return list(getattr(self.pipeline, FUSED_RUNS_ATTRIBUTE, []))
+
     @property
     def native_resolution(self) -> int | None:
         """The image side the denoiser was built for: its config's `sample_size` (latent pixels) times the VAE's

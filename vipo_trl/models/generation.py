@@ -136,6 +136,32 @@ def swap_in_aligned_weights(pipe: Any, weights: str) -> Callable[[], None]:
     return lambda: pipe.register_modules(**{name: base})
 
 
+#: The attribute of a pipeline listing the training runs fused into it, in order: `(weights, "lora" | "denoiser")`.
+FUSED_RUNS_ATTRIBUTE = "vipo_trl_fused_runs"
+
+
+def fuse_aligned_weights(pipe: Any, weights: str) -> Any:
+    """Make a training run's output part of `pipe`'s own weights and return `pipe`: a LoRA fused into the denoiser
+    (then unloaded: no adapter is left), or a full fine-tune's denoiser in place of the pipeline's own. Training on
+    the result starts from that model, and with LoRA takes it as the reference (the network with the new adapters
+    off). The run is recorded on the pipeline (`vipo_trl_fused_runs`) for the model card's loading code."""
+    kind = check_aligned_weights(weights, pipe)
+    name, denoiser = _denoiser_of(pipe)
+    if kind == "lora":
+        if getattr(denoiser, "is_quantized", False) or getattr(denoiser, "hf_quantizer", None):
+            raise ValueError(
+                f"{weights}: a LoRA cannot be fused into a {name} loaded in 4/8 bits; fuse it into the full-precision "
+                "model, save that pipeline, and quantize the saved one."
+            )
+        pipe.load_lora_weights(weights, adapter_name="fused")
+        pipe.fuse_lora(components=[name], adapter_names=["fused"])
+        pipe.unload_lora_weights()
+    else:
+        load_aligned_weights(pipe, weights)
+    setattr(pipe, FUSED_RUNS_ATTRIBUTE, [*getattr(pipe, FUSED_RUNS_ATTRIBUTE, []), (str(weights), kind)])
+    return pipe
+
+
 def _denoiser_of(pipe: Any) -> tuple[str, Any]:
     from .registry import family_for_pipeline
 

@@ -155,21 +155,37 @@ def citations(loss_types: list[str]) -> dict[str, str]:
     return out
 
 
-def loading_snippet(pipeline_class: str, base_model: str, repo_id: str, is_lora: bool, denoiser_name: str) -> str:
-    """Code that loads the result into the official diffusers pipeline."""
-    if is_lora:
-        return (
-            f"import torch\nfrom diffusers import {pipeline_class}\n\n"
-            f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)\n'
-            f'pipe.load_lora_weights("{repo_id}")'
-        )
+def loading_snippet(
+    pipeline_class: str,
+    base_model: str,
+    repo_id: str,
+    is_lora: bool,
+    denoiser_name: str,
+    fused: list[tuple[str, str]] | None = None,
+) -> str:
+    """Code that loads the result into the official diffusers pipeline. `fused`: the earlier runs a LoRA run started
+    from (`start_from`), rebuilt first: a LoRA fused and unloaded, a fine-tuned denoiser in place of the base's."""
     model_class = "UNet2DConditionModel" if denoiser_name == "unet" else "AutoModel"
-    return (
-        f"import torch\nfrom diffusers import {pipeline_class}, {model_class}\n\n"
-        f'{denoiser_name} = {model_class}.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16)\n'
-        f'pipe = {pipeline_class}.from_pretrained("{base_model}", {denoiser_name}={denoiser_name}, '
-        "torch_dtype=torch.bfloat16)"
-    )
+    if not is_lora:  # a full fine-tune's denoiser holds whatever it started from
+        return (
+            f"import torch\nfrom diffusers import {pipeline_class}, {model_class}\n\n"
+            f'{denoiser_name} = {model_class}.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16)\n'
+            f'pipe = {pipeline_class}.from_pretrained("{base_model}", {denoiser_name}={denoiser_name}, '
+            "torch_dtype=torch.bfloat16)"
+        )
+    fused = fused or []
+    imports = f"{pipeline_class}, {model_class}" if any(kind == "denoiser" for _, kind in fused) else pipeline_class
+    lines = [f"import torch\nfrom diffusers import {imports}\n"]
+    lines.append(f'pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)')
+    for weights, kind in fused:  # the model this run started from
+        if kind == "lora":
+            lines.append(f'pipe.load_lora_weights("{weights}"); pipe.fuse_lora(); pipe.unload_lora_weights()')
+        else:
+            lines.append(
+                f'pipe.{denoiser_name} = {model_class}.from_pretrained("{weights}", torch_dtype=torch.bfloat16)'
+            )
+    lines.append(f'pipe.load_lora_weights("{repo_id}")')
+    return "\n".join(lines)
 
 
 def _is_hub_id(name: str | None) -> bool:
@@ -210,6 +226,7 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | list[str] |
         # The settings of the losses trained with (a Diffusion-DPO run's card shows no poly_alpha)
         **{field: getattr(args, field) for name in args.loss_type for field in LOSS_CONFIG_FIELDS.get(name, ())},
         **({"loss_params": json.dumps(args.loss_params, sort_keys=True)} if args.loss_params else {}),
+        **({"started from": ", ".join(w for w, _ in family.fused_runs)} if family.fused_runs else {}),
         "method": f"LoRA (r={trainer.lora_rank})" if trainer.is_lora else "full fine-tuning",
         "steps": trainer.state.global_step,
         "learning rate": args.learning_rate,
@@ -241,7 +258,9 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | list[str] |
         template_str=CARD_TEMPLATE,
         model_name=repo_id.split("/")[-1],
         summary=summary,
-        snippet=loading_snippet(pipeline_class, base_model, repo_id, trainer.is_lora, family.denoiser_name),
+        snippet=loading_snippet(
+            pipeline_class, base_model, repo_id, trainer.is_lora, family.denoiser_name, family.fused_runs
+        ),
         training=training,
         metrics=metrics,
         grid=grid,

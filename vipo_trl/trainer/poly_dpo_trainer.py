@@ -138,6 +138,11 @@ class PolyDPOTrainer(Trainer):
         quantization_config: a `diffusers.BitsAndBytesConfig` (or `transformers`' one): QLoRA, the frozen base
             denoiser loaded in 4 or 8 bits with the LoRA trained on top in float32. Needs `peft_config` and a CUDA
             GPU (diffusers' bitsandbytes quantizer does not run on the CPU).
+        start_from: an earlier run's output (a LoRA folder or hub id, or a full fine-tune's folder), or several in
+            order, made part of the model's own weights before training (`DiffusionFamily.fuse`): the policy starts
+            from that model and, unless `ref_model` names another, it is the reference too. The second stage of
+            "SFT, then Poly-DPO" (train `loss_type="sft"`, then start from it), or a round of alignment that
+            continues the last. The model card's loading code rebuilds it (fuse, then load this run's LoRA).
         data_collator: defaults to a `PreferenceCollator` (or `LatentCacheCollator`) built from `args`.
         callbacks, optimizers: as in `transformers.Trainer`.
 
@@ -157,6 +162,7 @@ class PolyDPOTrainer(Trainer):
         optimizers: tuple[Any, Any] = (None, None),
         ref_model: str | os.PathLike | DiffusionPipeline | nn.Module | None = None,
         quantization_config: Any = None,
+        start_from: str | os.PathLike | list[str | os.PathLike] | None = None,
     ):
         if args is None:
             args = PolyDPOConfig(output_dir="poly-dpo-output")
@@ -190,6 +196,8 @@ class PolyDPOTrainer(Trainer):
                     encoders=not from_cache,
                     quantization_config=quantization_config,
                 )
+        for weights in [start_from] if isinstance(start_from, (str, os.PathLike)) else start_from or []:
+            self.family.fuse(str(weights))
         #: `args.beta`, or the family's recommended value when that is None; what every loss reads.
         self.beta = args.beta if args.beta is not None else self.family.recommended_beta
         if args.beta is None:
@@ -687,6 +695,7 @@ class PolyDPOTrainer(Trainer):
                 json.dump({**self.args.to_dict(), "beta_resolved": self.beta}, f, indent=2, sort_keys=True)
             with open(os.path.join(scratch, "vipo_trl_model.json"), "w") as f:
                 description = {**self.family.describe(), "lora": self.is_lora, "loss_type": self.args.loss_type}
+                description["started_from"] = self.family.fused_runs  # fused into the base before training
                 json.dump(description, f, indent=2)
             for name in os.listdir(scratch):
                 os.replace(os.path.join(scratch, name), os.path.join(output_dir, name))
