@@ -376,3 +376,20 @@ def test_dataset_streaming_streams_a_datasets_mixture_too(tmp_path, parquet):
         train, held_out, where = _training_data(script, mixture, config, with_eval=False)
         assert type(train).__name__ == "IterableDataset" and held_out is None and where == "the `datasets:` mixture"
         assert sum(1 for _ in train) == 2 * 7  # both sets, ties included (they are dropped as pairs are read)
+
+
+def test_start_from_trains_a_second_stage_on_top_of_an_earlier_run(tmp_path, tiny_sd_path, parquet, capsys):
+    lora = ["--use_peft", "--lora_r", "4"]
+    main(["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, "--loss_type", "sft", *lora,
+          *common(tmp_path, "sft")])  # fmt: skip
+    main(["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, "--start_from",
+          str(tmp_path / "sft"), *lora, *common(tmp_path, "dpo")])  # fmt: skip
+    described = json.loads((tmp_path / "dpo" / "vipo_trl_model.json").read_text())
+    assert described["started_from"] == [[str(tmp_path / "sft"), "lora"]]
+    for argv, message in [
+        (["--model_name_or_path", tiny_sd_path, "--dataset_name", parquet], f"--start_from {tmp_path}/none: not a"),
+        ([], "--start_from needs --model_name_or_path and --dataset_name"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["train", *argv, "--start_from", str(tmp_path / "none"), *common(tmp_path, "x")])
+        assert message in capsys.readouterr().err

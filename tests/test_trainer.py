@@ -847,3 +847,27 @@ def test_start_from_an_earlier_run_trains_on_top_of_it_and_the_card_rebuilds_the
     assert json.loads((tmp_path / "dpo" / "vipo_trl_model.json").read_text())["started_from"] == [
         [str(tmp_path / "sft"), "lora"]
     ]
+
+
+def test_start_from_a_full_fine_tune_puts_its_denoiser_in_place(tmp_path, tiny_sd_path):
+    from diffusers import UNet2DConditionModel
+
+    full = PolyDPOTrainer(
+        tiny_sd_path, config(tmp_path, output_dir=str(tmp_path / "full"), max_steps=1), pickapic_dataset(4)
+    )
+    full.train()
+    full.save_model()
+    second = PolyDPOTrainer(
+        tiny_sd_path, config(tmp_path, output_dir=str(tmp_path / "next")), pickapic_dataset(4), peft_config=lora(),
+        start_from=[str(tmp_path / "full")],
+    )  # fmt: skip
+    tuned = UNet2DConditionModel.from_pretrained(str(tmp_path / "full"))
+    base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    latents, t, states = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 8, 16)
+    with torch.no_grad():
+        reference = second._reference_prediction(second.model, latents, t, {"encoder_hidden_states": states})
+        expected = tuned(latents, t, encoder_hidden_states=states).sample
+        plain = base(latents, t, encoder_hidden_states=states).sample
+    torch.testing.assert_close(reference, expected, rtol=1e-4, atol=1e-5)
+    assert (expected - plain).abs().max() > 1e-4
+    assert second.family.fused_runs == [(str(tmp_path / "full"), "denoiser")]
