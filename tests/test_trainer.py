@@ -871,3 +871,37 @@ def test_start_from_a_full_fine_tune_puts_its_denoiser_in_place(tmp_path, tiny_s
     torch.testing.assert_close(reference, expected, rtol=1e-4, atol=1e-5)
     assert (expected - plain).abs().max() > 1e-4
     assert second.family.fused_runs == [(str(tmp_path / "full"), "denoiser")]
+
+
+def test_a_chain_of_runs_is_recorded_whole_and_loaded_as_it_was_trained(tmp_path, tiny_sd_path):
+    """Run 2 starts from run 1, which started from run 0: run 2 records both, and loading it for sampling (`vipo-trl
+    eval --lora`, `pairs --lora`) fuses both before its LoRA; swapped in and out, the base is back as it was."""
+    from diffusers import StableDiffusionPipeline
+
+    from vipo_trl.models.generation import load_aligned_weights, started_from, swap_in_aligned_weights
+
+    runs = [tmp_path / f"run{i}" for i in range(3)]
+    for i, out in enumerate(runs):
+        trainer = PolyDPOTrainer(
+            tiny_sd_path, config(tmp_path, output_dir=str(out), max_steps=1, learning_rate=5e-2, seed=i),
+            pickapic_dataset(4), peft_config=lora(), start_from=str(runs[i - 1]) if i else None,
+        )  # fmt: skip
+        trainer.train()
+        trainer.save_model()
+    assert started_from(str(runs[2])) == [(str(runs[0]), "lora"), (str(runs[1]), "lora")]
+
+    latents, t, states = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 8, 16)
+
+    def prediction(unet):
+        with torch.no_grad():
+            return unet(latents, t, encoder_hidden_states=states).sample
+
+    trained = prediction(trainer.model)
+    loaded = load_aligned_weights(StableDiffusionPipeline.from_pretrained(tiny_sd_path), str(runs[2]))
+    torch.testing.assert_close(prediction(loaded.unet), trained, rtol=1e-4, atol=1e-4)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    base = prediction(pipe.unet)
+    take_out = swap_in_aligned_weights(pipe, str(runs[2]))
+    torch.testing.assert_close(prediction(pipe.unet), trained, rtol=1e-4, atol=1e-4)
+    take_out()
+    torch.testing.assert_close(prediction(pipe.unet), base, rtol=0, atol=0)

@@ -115,8 +115,11 @@ def check_aligned_weights(weights: str, pipe: Any = None) -> str:
 
 def load_aligned_weights(pipe: Any, weights: str) -> Any:
     """Put a training run's output into `pipe` and return it: a LoRA with `pipe.load_lora_weights`, or a full
-    fine-tune's denoiser in place of the pipeline's own (same class, dtype and device)."""
+    fine-tune's denoiser in place of the pipeline's own (same class, dtype and device). A LoRA trained on top of
+    earlier runs (`start_from`, recorded in its `vipo_trl_model.json`) has those fused in first, as it was trained."""
     if check_aligned_weights(weights, pipe) == "lora":
+        for earlier, _ in started_from(weights):
+            _fuse_one(pipe, earlier)
         pipe.load_lora_weights(weights)
         return pipe
     name, base = _denoiser_of(pipe)
@@ -126,12 +129,24 @@ def load_aligned_weights(pipe: Any, weights: str) -> Any:
 
 
 def swap_in_aligned_weights(pipe: Any, weights: str) -> Callable[[], None]:
-    """`load_aligned_weights`, returning what takes the weights out again (the LoRA unloaded, or the pipeline's own
-    denoiser put back), so one loaded pipeline can generate with two training runs' outputs in turn."""
-    if check_aligned_weights(weights, pipe) == "lora":
-        pipe.load_lora_weights(weights)
-        return pipe.unload_lora_weights
+    """`load_aligned_weights`, returning what takes the weights out again (the LoRA unloaded and any earlier run it
+    was trained on top of taken out, or the pipeline's own denoiser put back), so one loaded pipeline can generate
+    with two training runs' outputs in turn."""
     name, base = _denoiser_of(pipe)
+    if check_aligned_weights(weights, pipe) == "lora":
+        fused_before = getattr(pipe, FUSED_RUNS_ATTRIBUTE, [])
+        # Fusing changes the weights in place: a copy (on the CPU) to put back, only when there is one to fuse.
+        saved = {k: v.to("cpu", copy=True) for k, v in base.state_dict().items()} if started_from(weights) else None
+        load_aligned_weights(pipe, weights)
+
+        def take_out() -> None:
+            pipe.unload_lora_weights()
+            if saved is not None:  # (an earlier run may also have put its own denoiser in place)
+                base.load_state_dict(saved)
+                pipe.register_modules(**{name: base})
+                setattr(pipe, FUSED_RUNS_ATTRIBUTE, fused_before)
+
+        return take_out
     load_aligned_weights(pipe, weights)
     return lambda: pipe.register_modules(**{name: base})
 
@@ -140,11 +155,29 @@ def swap_in_aligned_weights(pipe: Any, weights: str) -> Callable[[], None]:
 FUSED_RUNS_ATTRIBUTE = "vipo_trl_fused_runs"
 
 
+def started_from(weights: str) -> list[tuple[str, str]]:
+    """The earlier runs a training run's output was trained on top of, in the order they were fused (`start_from`,
+    as its `vipo_trl_model.json` records them); empty for a run that started from the base, or a hub id."""
+    path = os.path.join(weights, "vipo_trl_model.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [(str(w), str(kind)) for w, kind in json.load(f).get("started_from") or []]
+
+
 def fuse_aligned_weights(pipe: Any, weights: str) -> Any:
     """Make a training run's output part of `pipe`'s own weights and return `pipe`: a LoRA fused into the denoiser
-    (then unloaded: no adapter is left), or a full fine-tune's denoiser in place of the pipeline's own. Training on
-    the result starts from that model, and with LoRA takes it as the reference (the network with the new adapters
-    off). The run is recorded on the pipeline (`vipo_trl_fused_runs`) for the model card's loading code."""
+    (then unloaded: no adapter is left), or a full fine-tune's denoiser in place of the pipeline's own; a LoRA that
+    was itself trained on top of earlier runs has those fused first. Training on the result starts from that model,
+    and with LoRA takes it as the reference (the network with the new adapters off). The runs are recorded on the
+    pipeline (`vipo_trl_fused_runs`) for the model card's loading code and the next run's `vipo_trl_model.json`."""
+    if check_aligned_weights(weights, pipe) == "lora":
+        for earlier, _ in started_from(weights):
+            _fuse_one(pipe, earlier)
+    return _fuse_one(pipe, weights)
+
+
+def _fuse_one(pipe: Any, weights: str) -> Any:
     kind = check_aligned_weights(weights, pipe)
     name, denoiser = _denoiser_of(pipe)
     if kind == "lora":
