@@ -378,12 +378,15 @@ def test_dataset_streaming_streams_a_datasets_mixture_too(tmp_path, parquet):
         assert sum(1 for _ in train) == 2 * 7  # both sets, ties included (they are dropped as pairs are read)
 
 
-def test_start_from_trains_a_second_stage_on_top_of_an_earlier_run(tmp_path, tiny_sd_path, parquet, capsys):
+def test_start_from_trains_a_second_stage_on_top_of_an_earlier_run(
+    tmp_path, tiny_sd_path, parquet, capsys, monkeypatch
+):
     lora = ["--use_peft", "--lora_r", "4"]
     main(["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, "--loss_type", "sft", *lora,
           *common(tmp_path, "sft")])  # fmt: skip
-    main(["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, "--start_from",
-          str(tmp_path / "sft"), *lora, *common(tmp_path, "dpo")])  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # named relative to here; recorded so that it is found from anywhere
+    main(["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, "--start_from", "sft", *lora,
+          *common(tmp_path, "dpo")])  # fmt: skip
     described = json.loads((tmp_path / "dpo" / "vipo_trl_model.json").read_text())
     assert described["started_from"] == [[str(tmp_path / "sft"), "lora"]]
     for argv, message in [

@@ -191,7 +191,9 @@ def _fuse_one(pipe: Any, weights: str) -> Any:
         pipe.unload_lora_weights()
     else:
         load_aligned_weights(pipe, weights)
-    setattr(pipe, FUSED_RUNS_ATTRIBUTE, [*getattr(pipe, FUSED_RUNS_ATTRIBUTE, []), (str(weights), kind)])
+    # A local folder is recorded by its absolute path, so a later `eval` or `--start_from` elsewhere still finds it.
+    recorded = os.path.abspath(weights) if os.path.isdir(weights) else str(weights)
+    setattr(pipe, FUSED_RUNS_ATTRIBUTE, [*getattr(pipe, FUSED_RUNS_ATTRIBUTE, []), (recorded, kind)])
     return pipe
 
 
