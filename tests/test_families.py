@@ -203,7 +203,8 @@ def test_beta_defaults_to_the_family_recommendation(tmp_path, family_paths, name
 
 @pytest.mark.parametrize("name", [f.name for f in FAMILIES])
 def test_saved_lora_round_trips_into_a_fresh_trainer(tmp_path, family_paths, name):
-    """What resume_from_checkpoint does with the model weights, for every family's LoRA key format."""
+    """What resume_from_checkpoint does with the model weights, and what start_from does (the LoRA fused into the
+    base: the next run's reference is the trained model), for every family's LoRA key format."""
     family = BY_NAME[name]
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=family.lora_targets, init_lora_weights="gaussian")
     trainer = PolyDPOTrainer(
@@ -219,6 +220,17 @@ def test_saved_lora_round_trips_into_a_fresh_trainer(tmp_path, family_paths, nam
     fresh._load_from_checkpoint(trainer.args.output_dir)
     for k, v in trained.items():
         torch.testing.assert_close(fresh.model.state_dict()[k], v)
+
+    following = PolyDPOTrainer(
+        family_paths[name], make_config(tmp_path, family), family.dataset(2), peft_config=lora,
+        start_from=trainer.args.output_dir,
+    )  # fmt: skip
+    batch = following._prepare_inputs(next(iter(following.get_train_dataloader())))  # noise: (seed, row) alone
+    with torch.no_grad():
+        trained_errors = trainer.denoising_errors(trainer.model, batch, salt=-1)
+        start_errors = following.denoising_errors(following.model, batch, salt=-1)
+    torch.testing.assert_close(start_errors.ref_chosen, trained_errors.policy_chosen, rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(start_errors.ref_chosen, trained_errors.ref_chosen, rtol=1e-5, atol=0)
 
 
 def test_per_row_noise_is_drawn_from_each_rows_generator_and_reaches_the_device_without_a_host_wait():
