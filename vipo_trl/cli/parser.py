@@ -334,8 +334,8 @@ FROM_TRL_DPO = {
     "discopop_tau": "DiscoPOP is not built in: register it with vipo_trl.losses.register_loss",
     "rpo_alpha": "--loss_type poly_dpo sft --loss_weights 1 A (the chosen image's denoising error as the NLL term)",
     "activation_offloading": "not available for diffusers denoisers here; --gradient_checkpointing saves activations",
-    "sync_ref_model": "TR-DPO's reference updates are not built in: the reference stays fixed (train a next round "
-    "against this run with --ref_model OUTPUT_DIR)",
+    "sync_ref_model": "TR-DPO's reference updates are not built in: the reference stays fixed within a run; a hard "
+    "update is a next run with --start_from OUTPUT_DIR (policy and reference start from this run)",
     "ref_model_mixup_alpha": "TR-DPO's reference updates are not built in (see sync_ref_model)",
     "ref_model_sync_steps": "TR-DPO's reference updates are not built in (see sync_ref_model)",
 }
