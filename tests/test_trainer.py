@@ -871,6 +871,18 @@ def test_start_from_a_full_fine_tune_puts_its_denoiser_in_place(tmp_path, tiny_s
     torch.testing.assert_close(reference, expected, rtol=1e-4, atol=1e-5)
     assert (expected - plain).abs().max() > 1e-4
     assert second.family.fused_runs == [(str(tmp_path / "full"), "denoiser")]
+    # The card's code puts the fine-tuned denoiser in place, then loads this run's LoRA: the trained model.
+    second.train()
+    second.save_model()
+    second.create_model_card()
+    card = (tmp_path / "next" / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0].replace("torch.bfloat16", "torch.float32")
+    scope = {}
+    exec(snippet.replace('"next"', f'"{tmp_path / "next"}"'), scope)
+    with torch.no_grad():
+        rebuilt = scope["pipe"].unet(latents, t, encoder_hidden_states=states).sample
+        trained = second.model(latents, t, encoder_hidden_states=states).sample
+    torch.testing.assert_close(rebuilt, trained, rtol=1e-4, atol=1e-4)
 
 
 def test_a_chain_of_runs_is_recorded_whole_and_loaded_as_it_was_trained(tmp_path, tiny_sd_path):
