@@ -23,6 +23,8 @@ logger = logging.get_logger(__name__)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 #: The weights file of a denoiser saved whole with `save_pretrained` (a full fine-tune).
 DENOISER_WEIGHT_NAME = "diffusion_pytorch_model.safetensors"
+#: The attribute of a pipeline listing the training runs fused into it, in order: `(weights, "lora" | "denoiser")`.
+FUSED_RUNS_ATTRIBUTE = "vipo_trl_fused_runs"
 
 
 class DiffusionFamily(ABC):
@@ -68,19 +70,10 @@ class DiffusionFamily(ABC):
         self.device = torch.device("cpu")
         self.name_or_path: str | None = None
 
-    def fuse(self, weights: str) -> None:
-        """Make a training run's output (a LoRA folder or hub id, or a full fine-tune's folder) part of this model's
-        own weights (`generation.fuse_aligned_weights`): training then starts from that model."""
-        from .generation import fuse_aligned_weights
-
-        fuse_aligned_weights(self.pipeline, weights)
-        self.denoiser = getattr(self.pipeline, self.denoiser_name)
-
     @property
     def fused_runs(self) -> list[tuple[str, str]]:
-        """The training runs fused into this model's weights, in order: `(weights, "lora" | "denoiser")`."""
-        from .generation import FUSED_RUNS_ATTRIBUTE
-
+        """The training runs fused into this model's weights (`generation.fuse_aligned_weights`), in order:
+        `(weights, "lora" | "denoiser")`."""
         return list(getattr(self.pipeline, FUSED_RUNS_ATTRIBUTE, []))
 
     @property

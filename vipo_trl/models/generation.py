@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .base import FUSED_RUNS_ATTRIBUTE
+
 
 def generate_images(
     pipe: Any,
@@ -149,10 +151,6 @@ def swap_in_aligned_weights(pipe: Any, weights: str) -> Callable[[], None]:
         return take_out
     load_aligned_weights(pipe, weights)
     return lambda: pipe.register_modules(**{name: base})
-
-
-#: The attribute of a pipeline listing the training runs fused into it, in order: `(weights, "lora" | "denoiser")`.
-FUSED_RUNS_ATTRIBUTE = "vipo_trl_fused_runs"
 
 
 def started_from(weights: str) -> list[tuple[str, str]]:

@@ -41,7 +41,7 @@ from ..data import (
 from ..data.cache import empty_prompt_file
 from ..data.sampling import BucketSampler
 from ..losses import DenoisingErrors, get_loss, implicit_rewards
-from ..models import DiffusionFamily, family_from_pipeline, load_family
+from ..models import DiffusionFamily, family_from_pipeline, fuse_aligned_weights, load_family
 from ..models.base import (
     DENOISER_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
@@ -139,10 +139,11 @@ class PolyDPOTrainer(Trainer):
             denoiser loaded in 4 or 8 bits with the LoRA trained on top in float32. Needs `peft_config` and a CUDA
             GPU (diffusers' bitsandbytes quantizer does not run on the CPU).
         start_from: an earlier run's output (a LoRA folder or hub id, or a full fine-tune's folder), or several in
-            order, made part of the model's own weights before training (`DiffusionFamily.fuse`): the policy starts
-            from that model and, unless `ref_model` names another, it is the reference too. The second stage of
-            "SFT, then Poly-DPO" (train `loss_type="sft"`, then start from it), or a round of alignment that
-            continues the last. The model card's loading code rebuilds it (fuse, then load this run's LoRA).
+            order, made part of the model's own weights before training (`vipo_trl.models.fuse_aligned_weights`):
+            the policy starts from that model and, unless `ref_model` names another, it is the reference too. The
+            second stage of "SFT, then Poly-DPO" (train `loss_type="sft"`, then start from it), or a round of
+            alignment that continues the last. The model card's loading code rebuilds it (fuse, then load this
+            run's LoRA).
         data_collator: defaults to a `PreferenceCollator` (or `LatentCacheCollator`) built from `args`.
         callbacks, optimizers: as in `transformers.Trainer`.
 
@@ -197,7 +198,9 @@ class PolyDPOTrainer(Trainer):
                     quantization_config=quantization_config,
                 )
         for weights in [start_from] if isinstance(start_from, (str, os.PathLike)) else start_from or []:
-            self.family.fuse(str(weights))
+            fuse_aligned_weights(self.family.pipeline, str(weights))
+            # (a full fine-tune's output puts its own denoiser in the pipeline's place)
+            self.family.denoiser = getattr(self.family.pipeline, self.family.denoiser_name)
         #: `args.beta`, or the family's recommended value when that is None; what every loss reads.
         self.beta = args.beta if args.beta is not None else self.family.recommended_beta
         if args.beta is None:
