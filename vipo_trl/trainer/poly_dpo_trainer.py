@@ -712,7 +712,28 @@ class PolyDPOTrainer(Trainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            self._check_same_start(str(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_same_start(self, checkpoint: str) -> None:
+        """A checkpoint's weights only mean something on the model they were trained from: resuming a `start_from`
+        run without it (or with another) would silently train a different model."""
+        try:
+            with open(os.path.join(checkpoint, "vipo_trl_model.json")) as f:
+                recorded = [list(run) for run in json.load(f).get("started_from") or []]
+        except (OSError, ValueError):
+            return  # not written by this trainer: nothing recorded to compare
+        current = [list(run) for run in self.family.fused_runs]
+        if recorded != current:
+
+            def named(runs: list) -> Any:
+                return [weights for weights, _ in runs] or "the base model alone"
+
+            raise ValueError(
+                f"{checkpoint} was trained starting from {named(recorded)}, but this trainer starts from "
+                f"{named(current)}: pass the same start_from (--start_from) to resume it."
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled:
