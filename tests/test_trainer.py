@@ -919,20 +919,26 @@ def test_a_chain_of_runs_is_recorded_whole_and_loaded_as_it_was_trained(tmp_path
     torch.testing.assert_close(prediction(pipe.unet), base, rtol=0, atol=0)
 
 
-def test_resuming_a_start_from_run_without_the_same_start_is_refused(tmp_path, tiny_sd_path):
+@pytest.mark.parametrize("setting", ["start_from", "ref_model"])
+def test_resuming_without_the_same_start_or_reference_is_refused(tmp_path, tiny_sd_path, setting):
+    """A checkpoint records what it was trained on top of and against; resuming without it would train on."""
     first = PolyDPOTrainer(
         tiny_sd_path, config(tmp_path, output_dir=str(tmp_path / "first"), max_steps=1, learning_rate=5e-2),
         pickapic_dataset(4), peft_config=lora(),
     )  # fmt: skip
     first.train()
     first.save_model()
+    earlier = {setting: str(tmp_path / "first")}
     args = config(tmp_path, output_dir=str(tmp_path / "second"), save_strategy="steps", save_steps=1, max_steps=1)
-    start = str(tmp_path / "first")
-    PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=lora(), start_from=start).train()
+    PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=lora(), **earlier).train()
     longer = config(tmp_path, output_dir=str(tmp_path / "second"), max_steps=2)
     checkpoint = str(tmp_path / "second" / "checkpoint-1")
-    with pytest.raises(ValueError, match=r"trained starting from \[.*first'\], but this trainer starts from the base"):
+    message = {
+        "start_from": r"trained starting from \[.*first'\], but this trainer starts from the base model alone",
+        "ref_model": r"trained against the reference .*first, but this trainer's reference is the model itself",
+    }[setting]
+    with pytest.raises(ValueError, match=message):
         PolyDPOTrainer(tiny_sd_path, longer, pickapic_dataset(4), peft_config=lora()).train(checkpoint)
-    resumed = PolyDPOTrainer(tiny_sd_path, longer, pickapic_dataset(4), peft_config=lora(), start_from=start)
+    resumed = PolyDPOTrainer(tiny_sd_path, longer, pickapic_dataset(4), peft_config=lora(), **earlier)
     resumed.train(checkpoint)
     assert resumed.state.global_step == 2

@@ -281,6 +281,13 @@ class PolyDPOTrainer(Trainer):
         if ref_model is not None and not self.needs_reference:
             logger.warning("ref_model is ignored: no selected loss (%s) reads a reference.", args.loss_type)
             ref_model = ref_lora = None
+        #: The reference as recorded beside the weights (a resume must use the same): None (the model itself, with
+        #: its adapters off, or a frozen copy), a folder (absolute) or hub id, or "<object>" for a model passed in.
+        self.ref_model_name: str | None = None
+        if isinstance(ref_model, (str, os.PathLike)):
+            self.ref_model_name = os.path.abspath(ref_model) if os.path.exists(ref_model) else str(ref_model)
+        elif ref_model is not None:
+            self.ref_model_name = "<object>"
         if self.is_lora:
             denoiser.requires_grad_(False)
             if denoiser.dtype != frozen_dtype and not _is_quantized(denoiser):
@@ -699,6 +706,7 @@ class PolyDPOTrainer(Trainer):
             with open(os.path.join(scratch, "vipo_trl_model.json"), "w") as f:
                 description = {**self.family.describe(), "lora": self.is_lora, "loss_type": self.args.loss_type}
                 description["started_from"] = self.family.fused_runs  # fused into the base before training
+                description["ref_model"] = self.ref_model_name
                 json.dump(description, f, indent=2)
             for name in os.listdir(scratch):
                 os.replace(os.path.join(scratch, name), os.path.join(output_dir, name))
@@ -713,17 +721,26 @@ class PolyDPOTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            self._check_same_start(str(resume_from_checkpoint))
+            self._check_same_start_and_reference(str(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def _check_same_start(self, checkpoint: str) -> None:
-        """A checkpoint's weights only mean something on the model they were trained from: resuming a `start_from`
-        run without it (or with another) would silently train a different model."""
+    def _check_same_start_and_reference(self, checkpoint: str) -> None:
+        """A checkpoint's weights only mean something on the model they were trained from, and against the reference
+        they were trained against: resuming without the same `start_from` or `ref_model` would silently train
+        something else."""
         try:
             with open(os.path.join(checkpoint, "vipo_trl_model.json")) as f:
-                recorded = [list(run) for run in json.load(f).get("started_from") or []]
+                described = json.load(f)
         except (OSError, ValueError):
             return  # not written by this trainer: nothing recorded to compare
+        reference = described.get("ref_model", self.ref_model_name)  # (not recorded before vipo-trl recorded it)
+        if "<object>" not in (reference, self.ref_model_name) and reference != self.ref_model_name:
+            raise ValueError(
+                f"{checkpoint} was trained against the reference {reference or 'the model itself'}, but this "
+                f"trainer's reference is {self.ref_model_name or 'the model itself'}: pass the same ref_model "
+                "(--ref_model) to resume it."
+            )
+        recorded = [list(run) for run in described.get("started_from") or []]
         current = [list(run) for run in self.family.fused_runs]
         if recorded != current:
 
