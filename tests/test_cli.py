@@ -396,3 +396,25 @@ def test_start_from_trains_a_second_stage_on_top_of_an_earlier_run(
         with pytest.raises(SystemExit):
             main(["train", *argv, "--start_from", str(tmp_path / "none"), *common(tmp_path, "x")])
         assert message in capsys.readouterr().err
+
+
+def test_resuming_without_the_runs_start_from_is_refused_before_the_model_loads(
+    tmp_path, tiny_sd_path, parquet, capsys, monkeypatch
+):
+    import vipo_trl.trainer
+
+    lora = ["--use_peft", "--lora_r", "4"]
+    main(["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, *lora, *common(tmp_path, "one")])
+    options = [a for a in common(tmp_path, "two") if a not in ("--save_strategy", "no")] + ["--save_steps", "1"]
+    start = ["--start_from", str(tmp_path / "one")]
+    main(["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, *lora, *start, *options])
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mismatch was found")
+
+    monkeypatch.setattr(vipo_trl.trainer, "PolyDPOTrainer", no_loading)
+    with pytest.raises(SystemExit):
+        main(["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", parquet, *lora, *options,
+              "--resume_from_checkpoint", "latest"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "checkpoint-2 was trained starting from [" in err and "pass the same start_from (--start_from)" in err

@@ -934,8 +934,8 @@ def test_resuming_without_the_same_start_or_reference_is_refused(tmp_path, tiny_
     longer = config(tmp_path, output_dir=str(tmp_path / "second"), max_steps=2)
     checkpoint = str(tmp_path / "second" / "checkpoint-1")
     message = {
-        "start_from": r"trained starting from \[.*first'\], but this trainer starts from the base model alone",
-        "ref_model": r"trained against the reference .*first, but this trainer's reference is the model itself",
+        "start_from": r"trained starting from \[.*first'\], but this run starts from the base model alone",
+        "ref_model": r"trained against the reference .*first, but this run's reference is the model itself",
     }[setting]
     with pytest.raises(ValueError, match=message):
         PolyDPOTrainer(tiny_sd_path, longer, pickapic_dataset(4), peft_config=lora()).train(checkpoint)

@@ -150,9 +150,9 @@ def check_output_dir(config: Any) -> None:
 EARLIER_RUN_FILES = {"poly_dpo_config.json", "pytorch_lora_weights.safetensors", "diffusion_pytorch_model.safetensors"}
 
 
-def check_resume(config: Any, peft_config: Any = None) -> None:
+def check_resume(config: Any, peft_config: Any = None, start_from: Any = None, ref_model: Any = None) -> None:
     """`--resume_from_checkpoint` names a complete checkpoint (or `latest`/`true` with one in output_dir) made with
-    the same LoRA rank."""
+    the same LoRA rank, on top of the same `--start_from` runs and against the same `--ref_model`."""
     from ..trainer.poly_dpo_trainer import last_complete_checkpoint
 
     resume = config.resume_from_checkpoint
@@ -166,6 +166,7 @@ def check_resume(config: Any, peft_config: Any = None) -> None:
                 "checkpoint-N folder."
             )
         _check_lora_rank(resume, peft_config)
+        _check_same_start_and_reference(resume, start_from, ref_model)
         return
     if not os.path.isdir(resume):
         raise CliError(f"--resume_from_checkpoint {resume}: no such folder (or pass 'latest').")
@@ -180,6 +181,21 @@ def check_resume(config: Any, peft_config: Any = None) -> None:
     except ValueError:
         raise CliError(f"--resume_from_checkpoint {resume}: its trainer_state.json is damaged.") from None
     _check_lora_rank(resume, peft_config)
+    _check_same_start_and_reference(resume, start_from, ref_model)
+
+
+def _check_same_start_and_reference(checkpoint: str, start_from: Any, ref_model: Any) -> None:
+    """What the trainer would refuse once the model is loaded (`resume_mismatch`), refused before."""
+    from ..models.generation import fusion_chain
+    from ..trainer.poly_dpo_trainer import reference_name, resume_mismatch
+
+    try:
+        chain = fusion_chain([os.path.expanduser(w) for w in start_from or []])
+    except ValueError:
+        return  # a bad --start_from is reported by its own check
+    problem = resume_mismatch(checkpoint, chain, reference_name(ref_model))
+    if problem:
+        raise CliError(f"--resume_from_checkpoint {problem}")
 
 
 def _check_lora_rank(checkpoint: str, peft_config: Any) -> None:

@@ -154,7 +154,7 @@ def train(argv: list[str]) -> None:
         raise CliError("--reward_scorers scores the images drawn for --validation_prompts: give those prompts too.")
     checks.check_output_dir(config)
     peft_config, quantization_config = _trainer_inputs(model_args, config)
-    checks.check_resume(config, peft_config)
+    checks.check_resume(config, peft_config, train_args.start_from, train_args.ref_model)
     train_dataset, eval_dataset, where = _training_data(script, mixture, config, config.eval_strategy != "no")
     checks.check_dataset(train_dataset, where, config.data_options())
     trainer = PolyDPOTrainer(

@@ -175,6 +175,22 @@ def fuse_aligned_weights(pipe: Any, weights: str) -> Any:
     return _fuse_one(pipe, weights)
 
 
+def fusion_chain(weights: Sequence[str]) -> list[tuple[str, str]]:
+    """What fusing `weights` in order records (`fuse_aligned_weights`): each LoRA's own recorded starts, then it,
+    a local folder by its absolute path. Read from the folders alone, before any model is loaded."""
+    chain: list[tuple[str, str]] = []
+    for each in weights:
+        kind = check_aligned_weights(each)
+        chain += started_from(each) if kind == "lora" else []
+        chain.append((_recorded_name(each), kind))
+    return chain
+
+
+def _recorded_name(weights: str) -> str:
+    # A local folder by its absolute path, so a later `eval` or `--start_from` elsewhere still finds it.
+    return os.path.abspath(weights) if os.path.isdir(weights) else str(weights)
+
+
 def _fuse_one(pipe: Any, weights: str) -> Any:
     kind = check_aligned_weights(weights, pipe)
     name, denoiser = _denoiser_of(pipe)
@@ -189,9 +205,7 @@ def _fuse_one(pipe: Any, weights: str) -> Any:
         pipe.unload_lora_weights()
     else:
         load_aligned_weights(pipe, weights)
-    # A local folder is recorded by its absolute path, so a later `eval` or `--start_from` elsewhere still finds it.
-    recorded = os.path.abspath(weights) if os.path.isdir(weights) else str(weights)
-    setattr(pipe, FUSED_RUNS_ATTRIBUTE, [*getattr(pipe, FUSED_RUNS_ATTRIBUTE, []), (recorded, kind)])
+    setattr(pipe, FUSED_RUNS_ATTRIBUTE, [*getattr(pipe, FUSED_RUNS_ATTRIBUTE, []), (_recorded_name(weights), kind)])
     return pipe
 
 

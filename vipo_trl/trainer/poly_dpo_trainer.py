@@ -281,13 +281,8 @@ class PolyDPOTrainer(Trainer):
         if ref_model is not None and not self.needs_reference:
             logger.warning("ref_model is ignored: no selected loss (%s) reads a reference.", args.loss_type)
             ref_model = ref_lora = None
-        #: The reference as recorded beside the weights (a resume must use the same): None (the model itself, with
-        #: its adapters off, or a frozen copy), a folder (absolute) or hub id, or "<object>" for a model passed in.
-        self.ref_model_name: str | None = None
-        if isinstance(ref_model, (str, os.PathLike)):
-            self.ref_model_name = os.path.abspath(ref_model) if os.path.exists(ref_model) else str(ref_model)
-        elif ref_model is not None:
-            self.ref_model_name = "<object>"
+        #: The reference as recorded beside the weights (a resume must use the same; `reference_name`).
+        self.ref_model_name = reference_name(ref_model)
         if self.is_lora:
             denoiser.requires_grad_(False)
             if denoiser.dtype != frozen_dtype and not _is_quantized(denoiser):
@@ -721,36 +716,10 @@ class PolyDPOTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            self._check_same_start_and_reference(str(resume_from_checkpoint))
+            problem = resume_mismatch(str(resume_from_checkpoint), self.family.fused_runs, self.ref_model_name)
+            if problem:
+                raise ValueError(problem)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def _check_same_start_and_reference(self, checkpoint: str) -> None:
-        """A checkpoint's weights only mean something on the model they were trained from, and against the reference
-        they were trained against: resuming without the same `start_from` or `ref_model` would silently train
-        something else."""
-        try:
-            with open(os.path.join(checkpoint, "vipo_trl_model.json")) as f:
-                described = json.load(f)
-        except (OSError, ValueError):
-            return  # not written by this trainer: nothing recorded to compare
-        reference = described.get("ref_model", self.ref_model_name)  # (not recorded before vipo-trl recorded it)
-        if "<object>" not in (reference, self.ref_model_name) and reference != self.ref_model_name:
-            raise ValueError(
-                f"{checkpoint} was trained against the reference {reference or 'the model itself'}, but this "
-                f"trainer's reference is {self.ref_model_name or 'the model itself'}: pass the same ref_model "
-                "(--ref_model) to resume it."
-            )
-        recorded = [list(run) for run in described.get("started_from") or []]
-        current = [list(run) for run in self.family.fused_runs]
-        if recorded != current:
-
-            def named(runs: list) -> Any:
-                return [weights for weights, _ in runs] or "the base model alone"
-
-            raise ValueError(
-                f"{checkpoint} was trained starting from {named(recorded)}, but this trainer starts from "
-                f"{named(current)}: pass the same start_from (--start_from) to resume it."
-            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled:
@@ -854,6 +823,45 @@ class _PreferenceDataCallback(TrainerCallback):
         counts = self.trainer.skipped_rows + self.trainer._skipped_since_log
         if counts:
             logger.warning("Bad rows skipped so far: %s (set strict_data=True to stop at the first).", dict(counts))
+
+
+def reference_name(ref_model: Any) -> str | None:
+    """How a run's `ref_model` is recorded beside its weights: None (the model itself, with its adapters off, or a
+    frozen copy), a folder by its absolute path, a hub id, or "<object>" for a model passed in (never compared)."""
+    if ref_model is None:
+        return None
+    if isinstance(ref_model, (str, os.PathLike)):
+        return os.path.abspath(ref_model) if os.path.exists(ref_model) else str(ref_model)
+    return "<object>"
+
+
+def resume_mismatch(checkpoint: str, started_from: list, ref_model_name: str | None) -> str | None:
+    """Why resuming `checkpoint` with these settings would train something else, or None. A checkpoint's weights
+    only mean something on the model they were trained from (`start_from`, as `fused_runs` lists it) and against the
+    reference they were trained against (`reference_name`); its `vipo_trl_model.json` records both."""
+    try:
+        with open(os.path.join(checkpoint, "vipo_trl_model.json")) as f:
+            described = json.load(f)
+    except (OSError, ValueError):
+        return None  # not written by this trainer: nothing recorded to compare
+    reference = described.get("ref_model", ref_model_name)  # (not recorded before vipo-trl recorded it)
+    if "<object>" not in (reference, ref_model_name) and reference != ref_model_name:
+        return (
+            f"{checkpoint} was trained against the reference {reference or 'the model itself'}, but this run's "
+            f"reference is {ref_model_name or 'the model itself'}: pass the same ref_model (--ref_model) to resume it."
+        )
+    recorded = [list(run) for run in described.get("started_from") or []]
+    current = [list(run) for run in started_from]
+    if recorded != current:
+        return (
+            f"{checkpoint} was trained starting from {_run_names(recorded)}, but this run starts from "
+            f"{_run_names(current)}: pass the same start_from (--start_from) to resume it."
+        )
+    return None
+
+
+def _run_names(runs: list) -> Any:
+    return [weights for weights, _ in runs] or "the base model alone"
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
