@@ -389,12 +389,17 @@ def test_start_from_trains_a_second_stage_on_top_of_an_earlier_run(
           *common(tmp_path, "dpo")])  # fmt: skip
     described = json.loads((tmp_path / "dpo" / "vipo_trl_model.json").read_text())
     assert described["started_from"] == [[str(tmp_path / "sft"), "lora"]]
+    named = ["--model_name_or_path", tiny_sd_path, "--dataset_name", parquet]
     for argv, message in [
-        (["--model_name_or_path", tiny_sd_path, "--dataset_name", parquet], f"--start_from {tmp_path}/none: not a"),
-        ([], "--start_from needs --model_name_or_path and --dataset_name"),
+        ([*named, "--start_from", str(tmp_path / "none")], f"--start_from {tmp_path}/none: not a"),
+        (["--start_from", "sft"], "--start_from needs --model_name_or_path and --dataset_name"),
+        (
+            [*named, "--start_from", "sft", *lora, "--load_in_4bit"],  # refused before the 4-bit model loads
+            "--start_from fuses earlier runs into the base, which cannot be done to a base loaded in 4/8 bits",
+        ),
     ]:
         with pytest.raises(SystemExit):
-            main(["train", *argv, "--start_from", str(tmp_path / "none"), *common(tmp_path, "x")])
+            main(["train", *argv, *common(tmp_path, "x")])
         assert message in capsys.readouterr().err
 
 

@@ -154,6 +154,12 @@ def train(argv: list[str]) -> None:
         raise CliError("--reward_scorers scores the images drawn for --validation_prompts: give those prompts too.")
     checks.check_output_dir(config)
     peft_config, quantization_config = _trainer_inputs(model_args, config)
+    if train_args.start_from and quantization_config is not None:
+        raise CliError(
+            "--start_from fuses earlier runs into the base, which cannot be done to a base loaded in 4/8 bits "
+            "(--load_in_4bit/--load_in_8bit): fuse them into the full-precision model, save that pipeline, and train "
+            "a QLoRA on the saved one."
+        )
     checks.check_resume(config, peft_config, train_args.start_from, train_args.ref_model)
     train_dataset, eval_dataset, where = _training_data(script, mixture, config, config.eval_strategy != "no")
     checks.check_dataset(train_dataset, where, config.data_options())
