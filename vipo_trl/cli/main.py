@@ -40,10 +40,8 @@ def _training_data(script: Any, mixture: Any, config: Any, with_eval: bool) -> t
 
     if script.dataset_name is not None:
         raise CliError("give --dataset_name or a `datasets:` mixture, not both (trl dpo would ignore --dataset_name).")
-    if not all(hasattr(entry, "path") for entry in mixture.datasets):
-        raise CliError("`datasets:` is a list of entries such as `- path: pickapic_v2/`, written in a --config file.")
-    for entry in mixture.datasets:
-        if getattr(entry, "data_files", None) is None and getattr(entry, "data_dir", None) is None:
+    for entry in mixture.datasets:  # (the parser has made every entry a DatasetConfig: its file check says so)
+        if entry.data_files is None and entry.data_dir is None:
             checks.check_dataset_name(entry.path, "datasets: path")
     if script.dataset_streaming and not mixture.streaming:  # TRL's two names for it; either streams the mixture
         mixture = dataclasses.replace(mixture, streaming=True)

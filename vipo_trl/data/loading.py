@@ -123,6 +123,8 @@ def load_dataset_mixture(mixture: Any, seed: int = 0) -> Any:
             raise PreferenceDataError(f"datasets: fractions must be >= 0 and not all 0, got {fractions}")
         if streaming:
             raise PreferenceDataError("datasets: `fraction` needs the sets' lengths; a streamed mixture has none")
+    if streaming and mixture.test_split_size is not None:
+        raise PreferenceDataError("datasets: test_split_size cannot split a streamed mixture; give a held-out set")
     parts = []
     for i, entry in enumerate(entries):
         where = f"datasets[{i}] ({entry.path})"
@@ -172,8 +174,6 @@ def load_dataset_mixture(mixture: Any, seed: int = 0) -> Any:
     rows = concatenate_datasets(parts)
     if mixture.test_split_size is None:
         return (IterableDatasetDict if streaming else DatasetDict)({"train": rows})
-    if streaming:
-        raise PreferenceDataError("datasets: test_split_size cannot split a streamed mixture; give a held-out set")
     return rows.train_test_split(test_size=mixture.test_split_size, seed=seed)
 
 
