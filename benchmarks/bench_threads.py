@@ -25,7 +25,7 @@ def worker(threads: int, steps: int) -> None:
     from transformers import TrainerCallback
 
     from vipo_trl import PolyDPOConfig, PolyDPOTrainer
-    from vipo_trl.default import DEFAULT_SETTINGS, MODEL_DIR
+    from vipo_trl.default import DEFAULT_LORA, DEFAULT_SETTINGS, MODEL_DIR
     from vipo_trl.testing import pickapic_dataset
 
     stamps: list[float] = []
@@ -36,7 +36,7 @@ def worker(threads: int, steps: int) -> None:
 
     settings = {**DEFAULT_SETTINGS, "output_dir": tempfile.mkdtemp(), "max_steps": steps + 2, "logging_steps": 1000}
     config = PolyDPOConfig(**settings, use_cpu=True, disable_tqdm=True)
-    lora = LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian")
+    lora = LoraConfig(**DEFAULT_LORA)
     trainer = PolyDPOTrainer(str(MODEL_DIR), config, pickapic_dataset(64), peft_config=lora, callbacks=[Clock()])
     trainer.train()
     per_step = (stamps[-1] - stamps[1]) / (len(stamps) - 2)  # the first two steps warm up

@@ -32,13 +32,11 @@ def train_lora(model, pairs, output_dir: Path, seed: int, steps: int) -> Path:
     from peft import LoraConfig
 
     from vipo_trl import PolyDPOConfig, PolyDPOTrainer
-    from vipo_trl.default import DEFAULT_SETTINGS
+    from vipo_trl.default import DEFAULT_LORA, DEFAULT_SETTINGS
 
     settings = {**DEFAULT_SETTINGS, "output_dir": str(output_dir), "seed": seed, "max_steps": steps}
     settings.update(logging_steps=50, disable_tqdm=True)
-    trainer = PolyDPOTrainer(
-        model, PolyDPOConfig(**settings), pairs, peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian")
-    )
+    trainer = PolyDPOTrainer(model, PolyDPOConfig(**settings), pairs, peft_config=LoraConfig(**DEFAULT_LORA))
     trainer.train()
     trainer.save_model()
     return output_dir

@@ -191,7 +191,7 @@ def task_train(
     from peft import LoraConfig
 
     from vipo_trl import PolyDPOConfig, PolyDPOTrainer
-    from vipo_trl.default import MODEL_DIR, load_default_pipeline
+    from vipo_trl.default import DEFAULT_LORA, MODEL_DIR, load_default_pipeline
 
     out = os.path.join(work, "models", Path(path).stem)
     config = PolyDPOConfig(
@@ -211,7 +211,7 @@ def task_train(
         seed=seed,
     )
     cache = os.path.join(work, "cache", f"{kind}-seed{seed}")
-    lora = LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian")
+    lora = LoraConfig(**DEFAULT_LORA)
     trainer = PolyDPOTrainer(str(MODEL_DIR), config, cache, peft_config=lora)
     start = time.perf_counter()
     trainer.train()

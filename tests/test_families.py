@@ -90,6 +90,47 @@ def test_lora_steps_and_official_pipeline_load(tmp_path, family_paths, name):
     assert np.abs(generate(pipe, family) - base).max() > 1e-4
 
 
+def lora_tensors(network, adapter="default"):
+    """The network's LoRA tensors by name, without the adapter's name."""
+    return {n.replace(f".{adapter}.", "."): p for n, p in network.named_parameters() if "lora_" in n}
+
+
+LORA_VARIANTS = {
+    "dora_rslora": {"use_dora": True, "use_rslora": True, "init_lora_weights": "gaussian"},
+    "lora_bias": {"lora_bias": True},
+}
+
+
+@pytest.mark.parametrize("name, variant", [("sd", "dora_rslora"), ("flux", "dora_rslora"), ("flux", "lora_bias")])
+def test_dora_rslora_and_lora_bias_load_into_the_official_pipeline_as_trained(tmp_path, family_paths, name, variant):
+    """`--use_dora`, `--use_rslora` (TRL's flags) and peft's `lora_bias`: every trained tensor, DoRA's magnitudes and
+    the LoRA biases included, reaches the pipeline with the same scaling (rsLoRA: alpha / sqrt(r)), through the
+    UNet key conversion (sd) and the transformer families' peft keys (flux)."""
+    family = BY_NAME[name]
+    settings = LORA_VARIANTS[variant]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=family.lora_targets, **settings)
+    trainer = PolyDPOTrainer(family_paths[name], make_config(tmp_path, family, max_steps=2), family.dataset(4),
+                             peft_config=lora)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in lora_tensors(trainer.model).items()}
+    trainer.train()
+    trainer.save_model()
+    trained = lora_tensors(trainer.model)
+    extra = "lora_magnitude_vector" if settings.get("use_dora") else "lora_B.bias"
+    assert [n for n, p in trained.items() if extra in n and not torch.equal(p, before[n])]  # the variant's own, trained
+
+    pipe = trainer.family.pipeline_class.from_pretrained(family_paths[name])
+    pipe.load_lora_weights(trainer.args.output_dir)
+    network = getattr(pipe, trainer.family.denoiser_name)
+    (adapter,) = network.peft_config
+    loaded = lora_tensors(network, adapter)
+    assert loaded.keys() == trained.keys()
+    for key in trained:
+        torch.testing.assert_close(loaded[key], trained[key].to(loaded[key].dtype), msg=key)
+    scalings = {m.scaling[adapter] for m in network.modules() if adapter in getattr(m, "scaling", {})}
+    assert scalings == ({8 / 4**0.5} if settings.get("use_rslora") else {2.0})
+    assert network.peft_config[adapter].use_dora == bool(settings.get("use_dora"))
+
+
 @pytest.mark.parametrize("name", [f.name for f in FAMILIES])
 def test_full_finetune_with_gradient_checkpointing(tmp_path, family_paths, name):
     family = BY_NAME[name]

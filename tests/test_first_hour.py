@@ -81,7 +81,7 @@ def test_default_run_resumes_from_latest(tmp_path, capsys, monkeypatch):
 
     seen = {}
 
-    def fake_run(config):
+    def fake_run(config, **kwargs):
         seen["resume"] = config.resume_from_checkpoint
 
     monkeypatch.setattr(default, "run_default", fake_run)
@@ -100,7 +100,11 @@ def test_default_run_takes_half_the_cores_unless_omp_num_threads_is_set(tmp_path
     import vipo_trl.default as default
 
     seen = {}
-    monkeypatch.setattr(default, "run_default", lambda config: seen.setdefault("threads", torch.get_num_threads()))
+
+    def fake_run(config, **kwargs):
+        seen["threads"] = torch.get_num_threads()
+
+    monkeypatch.setattr(default, "run_default", fake_run)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     if omp is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -114,6 +118,43 @@ def test_default_run_takes_half_the_cores_unless_omp_num_threads_is_set(tmp_path
         torch.set_num_threads(before)
     assert seen["threads"] == (4 if omp is None else 3)
     assert ("4 of 8 CPU threads" in capsys.readouterr().out) == (omp is None)
+
+
+def test_default_run_trains_the_lora_its_flags_describe(tmp_path, capsys, monkeypatch):
+    """TRL's LoRA flags reach the embedded run's LoRA (the ones not given keep the embedded values), and the saved
+    LoRA is that one. The run itself is the real one on the shipped model, cut to one step on a few pairs."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    import vipo_trl.default as default
+    from vipo_trl.default import ALL_SCENES, EVAL_SEEDS, make_preference_set
+
+    blank = [Image.new("RGB", (32, 32))] * (len(ALL_SCENES) * len(EVAL_SEEDS))
+    monkeypatch.setattr(default, "evaluate_reward", lambda pipe, **kw: (0.5, blank))
+    few_pairs = lambda kind, pipe, **kw: make_preference_set(kind, pipe, 2, 2, seed=kw["seed"], scenes=ALL_SCENES[:4])  # noqa: E731
+    monkeypatch.setattr(default, "make_preference_set", few_pairs)
+    flags = ["--lora_r", "4", "--use_dora", "--lora_target_modules", "to_q", "to_v", "--max_steps", "1"]
+    main(["train", *flags, *common(tmp_path), "--per_device_train_batch_size", "2", "--disable_tqdm", "true"])
+
+    with safe_open(str(tmp_path / "run" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys, saved = list(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    assert saved["unet.r"] == 4 and saved["unet.lora_alpha"] == default.DEFAULT_LORA["lora_alpha"]
+    assert saved["unet.use_dora"] is True and saved["unet.init_lora_weights"] == "gaussian"
+    assert any(k.endswith("lora_magnitude_vector") for k in keys)
+    assert {k.split(".")[-4] for k in keys if k.endswith("lora.up.weight")} == {"to_q", "to_v"}
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--use_peft", "false"], "the embedded default trains a LoRA"),
+        (["--load_in_4bit"], "--load_in_4bit/--load_in_8bit"),
+        (["--lora_modules_to_save", "conv_in"], "--lora_modules_to_save=['conv_in']: `load_lora_weights` cannot"),
+        (["--lora_r", "0"], "--lora_r=0: the LoRA rank must be a positive integer"),
+    ],
+)
+def test_default_run_refuses_lora_flags_it_cannot_honour(tmp_path, capsys, no_model_loads, flags, expected):
+    assert expected in one_line_error(["train", *flags, *common(tmp_path)], capsys)
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing loaded
@@ -214,6 +255,22 @@ def test_bad_output_dir_and_resume(tmp_path, tiny_sd_path, data_files, capsys, n
     save_file({"x": torch.zeros(1)}, str(ckpt / "pytorch_lora_weights.safetensors"), metadata=metadata)
     argv = [*base, *out, "--use_peft", "--lora_r", "4", "--resume_from_checkpoint", str(ckpt)]
     assert "rank 8" in one_line_error(argv, capsys)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--lora_r", "4", "--use_dora"], "--lora_r --use_dora set up a LoRA, but without --use_peft the whole"),
+        (["--use_peft", "--lora_modules_to_save", "conv_in"], "--lora_modules_to_save=['conv_in']"),
+        (["--use_peft", "--lora_target_parameters", "weight"], "--lora_target_parameters=['weight']"),
+    ],
+)
+def test_lora_flags_that_would_not_train_a_loadable_lora_are_refused(
+    tmp_path, tiny_sd_path, data_files, capsys, no_model_loads, flags, expected
+):
+    data = ["--dataset_name", str(data_files / "good.parquet")]
+    line = one_line_error(["train", "--model_name_or_path", tiny_sd_path, *data, *flags, *common(tmp_path)], capsys)
+    assert expected in line, line
 
 
 @pytest.mark.parametrize(

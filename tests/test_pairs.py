@@ -22,7 +22,7 @@ from vipo_trl.data.pairing import (
     consistent_with_every_scorer,
     pair_indices,
 )
-from vipo_trl.default import DEFAULT_SETTINGS
+from vipo_trl.default import DEFAULT_LORA, DEFAULT_SETTINGS
 from vipo_trl.eval import (
     FrameAveragedScorer,
     RewardScorer,
@@ -437,7 +437,11 @@ def test_pairs_command_with_no_model_builds_a_set_from_the_embedded_model(tmp_pa
     main([*words[1:], "--max_steps", "2", "--output_dir", str(run), "--report_to", "none", "--use_cpu"])
     config = json.loads((run / "poly_dpo_config.json").read_text())
     assert config["resolution"] == 32 and config["learning_rate"] == DEFAULT_SETTINGS["learning_rate"]
-    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(run / "pytorch_lora_weights.safetensors"), "pt") as f:  # the embedded run's LoRA
+        lora = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (lora["unet.r"], lora["unet.lora_alpha"]) == (DEFAULT_LORA["r"], DEFAULT_LORA["lora_alpha"])
 
 
 def test_the_printed_train_command_uses_the_first_models_image_size():

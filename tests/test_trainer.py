@@ -191,6 +191,29 @@ def test_saved_lora_loads_into_the_official_pipeline_and_changes_the_image(tmp_p
         torch.testing.assert_close(loaded[k], trained[k])
 
 
+def _unloadable_peft_configs():
+    from peft import LoHaConfig
+
+    return [
+        (LoHaConfig(r=4, alpha=4, target_modules=LORA_TARGETS), "peft_config is a LoHaConfig"),
+        (LoraConfig(r=4, target_modules=LORA_TARGETS, modules_to_save=["conv_in"]), "modules_to_save=['conv_in']"),
+        (LoraConfig(r=4, target_modules=LORA_TARGETS, bias="lora_only"), "bias='lora_only'"),
+        (LoraConfig(r=4, target_parameters=["weight"]), "target_parameters=['weight']"),
+        (LoraConfig(r=0, target_modules=LORA_TARGETS), "LoraConfig.r=0"),
+    ]
+
+
+@pytest.mark.parametrize("peft_config, expected", _unloadable_peft_configs(), ids=lambda v: str(v)[:24])
+def test_a_lora_the_pipeline_could_not_load_is_refused_before_the_model_loads(tmp_path, peft_config, expected):
+    """`load_lora_weights` refuses a file holding whole modules or base biases, and loads no other adapter type:
+    found out after training, that is the whole run lost. (The model folder does not exist: loading it would fail
+    with another message.)"""
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        PolyDPOTrainer(str(tmp_path / "no-model"), config(tmp_path), pickapic_dataset(4), peft_config=peft_config)
+
+
 def test_full_finetune_uses_a_frozen_copy_and_saves_the_unet(tmp_path, tiny_sd_path):
     from diffusers import UNet2DConditionModel
 

@@ -75,10 +75,27 @@ def _load_dataset(script: Any, split: str) -> Any:
         raise CliError(f"--dataset_name {script.dataset_name} (split {split}): cannot read it: {message}") from None
 
 
-def _trainer_inputs(model_args: Any, config: Any) -> tuple[Any, Any]:
-    """TRL's model flags as the trainer takes them: the LoRA config (`trl.get_peft_config`), the quantization config
+#: TRL's LoRA flags and the `peft.LoraConfig` field each sets (as `trl.get_peft_config` reads them).
+LORA_FLAGS = {
+    "lora_r": "r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "lora_target_modules": "target_modules",
+    "lora_target_parameters": "target_parameters",
+    "lora_modules_to_save": "modules_to_save",
+    "use_rslora": "use_rslora",
+    "use_dora": "use_dora",
+}
+LORA_FLAG_OF = {field: flag for flag, field in LORA_FLAGS.items()}
+
+
+def _trainer_inputs(model_args: Any, config: Any, given: set[str], embedded: bool = False) -> tuple[Any, Any]:
+    """TRL's model flags as the trainer takes them: the LoRA config (`trl.get_peft_config`; for the `embedded`
+    default, its own LoRA with the LoRA flags given applied), the quantization config
     (`trl.get_quantization_config`), and `--model_revision`/`--dtype` carried into the config's loading fields."""
     from trl import get_peft_config, get_quantization_config
+
+    from ..models.base import check_lora_config
 
     if model_args.attn_implementation is not None:
         raise CliError("--attn_implementation applies to transformers models; diffusers pipelines choose their own.")
@@ -88,10 +105,38 @@ def _trainer_inputs(model_args: Any, config: Any) -> tuple[Any, Any]:
         config.revision = model_args.model_revision
     if model_args.dtype not in (None, "auto", "float32") and config.torch_dtype is None:
         config.torch_dtype = model_args.dtype  # the frozen weights' dtype
-    peft_config = get_peft_config(model_args)
+    lora_flags = [f"--{flag}" for flag in LORA_FLAGS if flag in given]
+    if embedded:
+        from peft import LoraConfig
+
+        from ..default import DEFAULT_LORA
+
+        if "use_peft" in given and not model_args.use_peft:
+            raise CliError(
+                "--use_peft false: the embedded default trains a LoRA. To fine-tune a whole model, name it with "
+                "--model_name_or_path and --dataset_name."
+            )
+        if model_args.load_in_4bit or model_args.load_in_8bit:
+            raise CliError(
+                "--load_in_4bit/--load_in_8bit (QLoRA, CUDA only) need a model named with --model_name_or_path: the "
+                "embedded model is tiny and trains in full precision."
+            )
+        overrides = {field: getattr(model_args, flag) for flag, field in LORA_FLAGS.items() if flag in given}
+        peft_config, quantization_config = LoraConfig(**{**DEFAULT_LORA, **overrides}), None
+    else:
+        if lora_flags and not model_args.use_peft and "use_peft" not in given:
+            raise CliError(
+                f"{' '.join(lora_flags)} set up a LoRA, but without --use_peft the whole denoiser is fine-tuned (as in "
+                f"`trl dpo`). Add --use_peft, or drop {'them' if len(lora_flags) > 1 else 'it'} to fine-tune fully."
+            )
+        peft_config, quantization_config = get_peft_config(model_args), get_quantization_config(model_args)
     if peft_config is not None:
         peft_config.task_type = None  # a language-model task type means nothing to a UNet or transformer
-    return peft_config, get_quantization_config(model_args)
+        try:
+            check_lora_config(peft_config, field_name=lambda field: f"--{LORA_FLAG_OF.get(field, 'lora_' + field)}")
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    return peft_config, quantization_config
 
 
 def default_cpu_threads() -> int | None:
@@ -130,13 +175,14 @@ def train(argv: list[str]) -> None:
         except ImportError:
             raise CliError("name --model_name_or_path and --dataset_name (this build has no embedded model).") from None
         apply_default_settings(config, given=parser.given)
+        peft_config, _ = _trainer_inputs(model_args, config, parser.given, embedded=True)
         checks.check_output_dir(config)
-        checks.check_resume(config)
+        checks.check_resume(config, peft_config)
         if config.use_cpu:
             threads = default_cpu_threads()
             if threads is not None:
                 print(f"vipo-trl: {threads} of {os.cpu_count()} CPU threads (set OMP_NUM_THREADS to choose)")
-        run_default(config)
+        run_default(config, peft_config=peft_config)
         return
     if model_args.model_name_or_path is None or (script.dataset_name is None and not mixture.datasets):
         raise CliError("name both --model_name_or_path and --dataset_name (or neither, to run the embedded default).")
@@ -151,7 +197,7 @@ def train(argv: list[str]) -> None:
     if train_args.reward_scorers and not config.validation_prompts:
         raise CliError("--reward_scorers scores the images drawn for --validation_prompts: give those prompts too.")
     checks.check_output_dir(config)
-    peft_config, quantization_config = _trainer_inputs(model_args, config)
+    peft_config, quantization_config = _trainer_inputs(model_args, config, parser.given)
     if train_args.start_from and quantization_config is not None:
         raise CliError(
             "--start_from fuses earlier runs into the base, which cannot be done to a base loaded in 4/8 bits "
@@ -199,7 +245,7 @@ def cache(argv: list[str]) -> None:
     script, model_args, cache_args, config, mixture = parser.parse(argv)
     if not (model_args.model_name_or_path and (script.dataset_name or mixture.datasets) and cache_args.cache_output):
         raise CliError("cache needs --model_name_or_path, --dataset_name (or `datasets:`) and --cache_output.")
-    _trainer_inputs(model_args, config)
+    _trainer_inputs(model_args, config, parser.given)
     folder = build_latent_cache(
         model_args.model_name_or_path,
         _training_data(script, mixture, config, with_eval=False)[0],
@@ -484,11 +530,12 @@ def _train_command(model: str | None, pairs_dir: Any, dataset: Any, generator: s
 
     flags = {"model_name_or_path": model, "dataset_name": str(pairs_dir)}
     if model is None:  # the embedded model: its folder and the embedded run's training settings
-        from ..default import DEFAULT_SETTINGS, MODEL_DIR
+        from ..default import DEFAULT_LORA, DEFAULT_SETTINGS, MODEL_DIR
 
         flags["model_name_or_path"] = str(MODEL_DIR)
         keys = ("learning_rate", "beta", "per_device_train_batch_size", "max_steps", "random_flip")
         flags.update({key: DEFAULT_SETTINGS[key] for key in keys})
+        flags.update(lora_r=DEFAULT_LORA["r"], lora_alpha=DEFAULT_LORA["lora_alpha"])  # not TRL's r=16, alpha 32
     if "chosen_generator" in dataset.column_names:  # made by `pairs`: an image of the named generator
         rows = dataset.select_columns(["chosen", "chosen_generator"]) if len(dataset) else []
         sample = next((row["chosen"] for row in rows if row["chosen_generator"] == generator), None)

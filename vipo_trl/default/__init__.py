@@ -33,9 +33,13 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "report_to": [],
     "seed": 0,
 }
+#: The embedded run's LoRA (`peft.LoraConfig` fields); on the command line the LoRA flags (`--lora_r`, `--use_dora`,
+#: ...) win over each of them.
+DEFAULT_LORA: dict[str, Any] = {"r": 8, "lora_alpha": 8, "init_lora_weights": "gaussian"}
 
 __all__ = [
     "ALL_SCENES",
+    "DEFAULT_LORA",
     "DEFAULT_SETTINGS",
     "apply_default_settings",
     "KINDS",
@@ -93,12 +97,13 @@ def apply_default_settings(config: Any, given: set[str] | frozenset[str] = froze
     return config
 
 
-def run_default(config: Any = None, model_dir: str | Path = MODEL_DIR) -> dict[str, float]:
+def run_default(config: Any = None, model_dir: str | Path = MODEL_DIR, peft_config: Any = None) -> dict[str, float]:
     """Align the shipped model with Poly-DPO on its `clean` synthetic set and report base vs aligned reward.
 
     `config` is a `PolyDPOConfig` used as it is (the command line fills what the user did not set from
     `DEFAULT_SETTINGS`); `None` means `DEFAULT_SETTINGS`: LoRA r=8, 300 steps of 8 pairs, learning rate 3e-3, beta
-    2000, alpha 0, on the CPU. `config.resume_from_checkpoint` is honoured.
+    2000, alpha 0, on the CPU. `config.resume_from_checkpoint` is honoured. `peft_config`: the LoRA to train, by
+    default `LoraConfig(**DEFAULT_LORA)`.
     """
     from peft import LoraConfig
 
@@ -119,7 +124,7 @@ def run_default(config: Any = None, model_dir: str | Path = MODEL_DIR) -> dict[s
     dataset, stats = make_preference_set("clean", base, seed=args.seed, progress="preference set: sampling")
     print(f"built the clean preference set: {stats.pairs} pairs from the base model's samples (seed {args.seed})")
 
-    lora = LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian")
+    lora = peft_config if peft_config is not None else LoraConfig(**DEFAULT_LORA)
     trainer = PolyDPOTrainer(str(model_dir), args, dataset, peft_config=lora)
     trainer.dataset_name = "vipo-trl synthetic shapes (clean)"
     resume = args.resume_from_checkpoint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -333,6 +334,37 @@ class UNetLoraKeys:
 
     def lora_state_dict_for_loading(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_unet_state_dict_to_peft(state)
+
+
+def check_lora_config(peft_config: Any, field_name: Callable[[str], str] = "LoraConfig.{}".format) -> None:
+    """Refuse a peft config whose trained weights a pipeline's `load_lora_weights` cannot load, before any training:
+    it loads LoRA layers (DoRA, rsLoRA and `lora_bias` included), not other adapter types, whole modules or the base
+    layers' biases, and a file holding those is refused by it only after the hours of training. `field_name` names a
+    field in the message (the command line names its flags)."""
+    from peft import LoraConfig
+
+    if not isinstance(peft_config, LoraConfig):
+        raise ValueError(
+            f"peft_config is a {type(peft_config).__name__}: pipelines load only LoRA weights "
+            "(`pipe.load_lora_weights`). Pass a peft.LoraConfig (use_dora=True gives DoRA)."
+        )
+    if not isinstance(peft_config.r, int) or peft_config.r < 1:
+        raise ValueError(f"{field_name('r')}={peft_config.r!r}: the LoRA rank must be a positive integer, e.g. 16.")
+    unloadable = {
+        "modules_to_save": "train those modules with LoRA instead (add them to the target modules)",
+        "target_parameters": "target the modules that hold those parameters instead",
+    }
+    for name, fix in unloadable.items():
+        if getattr(peft_config, name, None):
+            raise ValueError(
+                f"{field_name(name)}={getattr(peft_config, name)!r}: `load_lora_weights` cannot load what it trains, "
+                f"so the saved LoRA would not load into the pipeline. Leave it unset; {fix}."
+            )
+    if peft_config.bias != "none":
+        raise ValueError(
+            f"{field_name('bias')}={peft_config.bias!r} trains the base layers' biases, which `load_lora_weights` "
+            "cannot load. Use bias='none' (lora_bias=True gives the LoRA layers a bias of their own, which loads)."
+        )
 
 
 def save_gathered_weights(denoiser: nn.Module, state_dict: dict[str, torch.Tensor], directory: str) -> None:

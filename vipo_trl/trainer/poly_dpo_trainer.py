@@ -45,6 +45,7 @@ from ..models import DiffusionFamily, family_from_pipeline, fuse_aligned_weights
 from ..models.base import (
     DENOISER_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
+    check_lora_config,
     randn_like_rows,
     save_gathered_weights,
     to_device,
@@ -128,7 +129,9 @@ class PolyDPOTrainer(Trainer):
         train_dataset / eval_dataset: a `datasets.Dataset` or streaming `datasets.IterableDataset` in Pick-a-Pic v2's
             or the generic schema, or the folder of a latent cache (`vipo_trl.build_latent_cache`). When every
             dataset is a cache, neither VAE nor text encoders are loaded.
-        peft_config: a `peft.LoraConfig` to train a LoRA; `None` fine-tunes the whole denoiser.
+        peft_config: a `peft.LoraConfig` to train a LoRA (DoRA, rsLoRA and `lora_bias` included); `None` fine-tunes
+            the whole denoiser. What a pipeline's `load_lora_weights` cannot load (`modules_to_save`,
+            `target_parameters`, `bias` other than "none", other adapter types) is refused before loading.
         ref_model: the reference, as in `trl.DPOTrainer`. `None` (default): the base network with its LoRA
             adapters disabled (LoRA), or a frozen copy of the denoiser (full fine-tuning). A folder holding
             `pytorch_lora_weights.safetensors` (an earlier run's output): the base with that LoRA, held as a second,
@@ -182,6 +185,8 @@ class PolyDPOTrainer(Trainer):
                 "quantization_config loads the base denoiser in 4/8 bits, which cannot be fine-tuned whole: pass a "
                 "peft_config as well (QLoRA trains a LoRA on the quantized base)."
             )
+        if peft_config is not None:
+            check_lora_config(peft_config)
         if isinstance(model, DiffusionFamily):
             self.family = model
         elif isinstance(model, DiffusionPipeline):
