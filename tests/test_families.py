@@ -95,6 +95,29 @@ def lora_tensors(network, adapter="default"):
     return {n.replace(f".{adapter}.", "."): p for n, p in network.named_parameters() if "lora_" in n}
 
 
+@pytest.mark.parametrize("name", ["sd", "sdxl", "flux"])
+def test_a_lora_on_every_linear_layer_loads_whole_into_the_official_pipeline(tmp_path, family_paths, name):
+    """`--lora_target_modules all-linear` (attention, feed-forward, projections, time embedding): every trained
+    tensor loads. The UNets' older key format names only the attention projections; a file half in it lost them."""
+    family = BY_NAME[name]
+    lora = LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="gaussian")
+    trainer = PolyDPOTrainer(family_paths[name], make_config(tmp_path, family, max_steps=1), family.dataset(2),
+                             peft_config=lora)  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    trained = lora_tensors(trainer.model)
+    assert any("to_q" in n for n in trained) and any(".ff." in n or "proj_mlp" in n for n in trained)
+
+    pipe = trainer.family.pipeline_class.from_pretrained(family_paths[name])
+    pipe.load_lora_weights(trainer.args.output_dir)
+    network = getattr(pipe, trainer.family.denoiser_name)
+    (adapter,) = network.peft_config
+    loaded = lora_tensors(network, adapter)
+    assert sorted(set(trained) - set(loaded)) == [] and loaded.keys() == trained.keys()
+    for key in trained:
+        torch.testing.assert_close(loaded[key], trained[key].to(loaded[key].dtype), msg=key)
+
+
 LORA_VARIANTS = {
     "dora_rslora": {"use_dora": True, "use_rslora": True, "init_lora_weights": "gaussian"},
     "lora_bias": {"lora_bias": True},
@@ -272,6 +295,29 @@ def test_saved_lora_round_trips_into_a_fresh_trainer(tmp_path, family_paths, nam
         start_errors = following.denoising_errors(following.model, batch, salt=-1)
     torch.testing.assert_close(start_errors.ref_chosen, trained_errors.policy_chosen, rtol=1e-3, atol=1e-6)
     assert not torch.allclose(start_errors.ref_chosen, trained_errors.ref_chosen, rtol=1e-5, atol=0)
+
+
+def test_a_unet_lora_in_the_older_diffusers_key_format_still_resumes(tmp_path, family_paths):
+    """Checkpoints written before LoRA files moved to peft's keys (`to_q.lora.down`, diffusers' UNet format) resume."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file, save_file
+
+    family = BY_NAME["sd"]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=family.lora_targets, init_lora_weights="gaussian")
+    trainer = PolyDPOTrainer(family_paths["sd"], make_config(tmp_path, family, max_steps=1), family.dataset(2),
+                             peft_config=lora)  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    path = f"{trainer.args.output_dir}/pytorch_lora_weights.safetensors"
+    older = convert_state_dict_to_diffusers(load_file(path))
+    assert all(".lora.down." in k or ".lora.up." in k for k in older)
+    save_file(older, path)
+    fresh = PolyDPOTrainer(family_paths["sd"], make_config(tmp_path, family, seed=1), family.dataset(2),
+                           peft_config=lora)  # fmt: skip
+    fresh._load_from_checkpoint(trainer.args.output_dir)
+    trained = {k: v for k, v in trainer.model.state_dict().items() if "lora_" in k}
+    for k, v in trained.items():
+        torch.testing.assert_close(fresh.model.state_dict()[k], v)
 
 
 def test_per_row_noise_is_drawn_from_each_rows_generator_and_reaches_the_device_without_a_host_wait():

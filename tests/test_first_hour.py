@@ -141,7 +141,7 @@ def test_default_run_trains_the_lora_its_flags_describe(tmp_path, capsys, monkey
     assert saved["unet.r"] == 4 and saved["unet.lora_alpha"] == default.DEFAULT_LORA["lora_alpha"]
     assert saved["unet.use_dora"] is True and saved["unet.init_lora_weights"] == "gaussian"
     assert any(k.endswith("lora_magnitude_vector") for k in keys)
-    assert {k.split(".")[-4] for k in keys if k.endswith("lora.up.weight")} == {"to_q", "to_v"}
+    assert {k.split(".")[-3] for k in keys if k.endswith("lora_B.weight")} == {"to_q", "to_v"}
 
 
 @pytest.mark.parametrize(

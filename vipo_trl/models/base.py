@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import FrozenDict
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
 from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
@@ -279,12 +279,12 @@ class DiffusionFamily(ABC):
     def lora_state_dict_for_saving(
         self, denoiser: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """The denoiser's LoRA weights in the key format the family's `load_lora_weights` reads; taken from
+        """The denoiser's LoRA weights under peft's keys, which every family's `load_lora_weights` reads; taken from
         `state_dict` (the denoiser's full state dict) when given, as it is under FSDP, where the module holds shards."""
         return get_peft_model_state_dict(denoiser, state_dict=state_dict)
 
     def lora_state_dict_for_loading(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Inverse of `lora_state_dict_for_saving`, from a saved file's keys (prefix removed) to peft's."""
+        """A saved file's keys (prefix removed) as peft's."""
         return state
 
     def save_lora(
@@ -324,13 +324,11 @@ class DiffusionFamily(ABC):
 
 
 class UNetLoraKeys:
-    """Mixin for the UNet families (SD 1.x/2.x, SDXL): LoRA files in diffusers' UNet key format, which their
-    pipelines' `load_lora_weights` reads, converted from and to peft's keys."""
-
-    def lora_state_dict_for_saving(
-        self, denoiser: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
-        return convert_state_dict_to_diffusers(super().lora_state_dict_for_saving(denoiser, state_dict))
+    """Mixin for the UNet families (SD 1.x/2.x, SDXL): a LoRA file may hold diffusers' older UNet key format
+    (`to_q.lora.down`, written by diffusers' UNet training scripts and by earlier vipo-trl builds), read as peft's.
+    Files are written in peft's keys, as for every family: the older format names only the attention projections, so
+    a LoRA on other layers too (`all-linear`, feed-forward, convolutions) came out half in each format, and
+    `load_lora_weights` then dropped the attention layers with a warning."""
 
     def lora_state_dict_for_loading(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_unet_state_dict_to_peft(state)
