@@ -152,3 +152,36 @@ def test_the_card_names_the_methods_the_run_used_and_cites_them(
         line for line in text.splitlines() if line.startswith(("| poly_alpha", "| label_", "| mapo_", "| kto_"))
     ]
     assert settings == rows
+
+
+def test_a_card_names_the_repo_of_the_pushed_run_this_one_started_from(tmp_path, tiny_sd_path, fake_hub, caplog):
+    """Two stages pushed in turn: stage 2 started from stage 1's local folder, and its card's loading code and
+    "started from" line name stage 1's repo (recorded when stage 1 was pushed), not a path on the trainer's disk.
+    A stage 2 started from a run that was never pushed is pushed with a warning naming that folder."""
+
+    def run(name, start_from=None, push=True):
+        args = PolyDPOConfig(
+            output_dir=str(tmp_path / name), resolution=16, per_device_train_batch_size=2, max_steps=1,
+            save_strategy="no", report_to=[], use_cpu=True, push_to_hub=push, hub_model_id=f"alice/{name}",
+            hub_token=TOKEN,
+        )  # fmt: skip
+        lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
+        trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=lora, start_from=start_from)
+        trainer.train()
+        if push:
+            trainer.push_to_hub()
+        else:
+            trainer.save_model()
+
+    run("stage1")
+    run("stage2", start_from=str(tmp_path / "stage1"))
+    card = fake_hub.repos["alice/stage2"]["README.md"].decode()
+    assert 'pipe.load_lora_weights("alice/stage1"); pipe.fuse_lora(); pipe.unload_lora_weights()' in card
+    assert "| started from | alice/stage1 |" in card and str(tmp_path) not in card
+    assert 'pipe.load_lora_weights("alice/stage2")' in card
+
+    run("local", push=False)
+    with caplog.at_level(logging.WARNING):
+        run("stage2b", start_from=str(tmp_path / "local"))
+    assert str(tmp_path / "local") in fake_hub.repos["alice/stage2b"]["README.md"].decode()
+    assert f"names {tmp_path / 'local'}, the local folder(s)" in caplog.text

@@ -163,6 +163,16 @@ def started_from(weights: str) -> list[tuple[str, str]]:
         return [(str(w), str(kind)) for w, kind in json.load(f).get("started_from") or []]
 
 
+def published_name(weights: str) -> str:
+    """The name a training run's output is loaded by elsewhere: the Hub repo it was pushed to, when its
+    `vipo_trl_model.json` records one (`hub_model_id`, written by a run with `push_to_hub`), else `weights` itself."""
+    path = os.path.join(weights, "vipo_trl_model.json")
+    if not os.path.isfile(path):
+        return weights
+    with open(path) as f:
+        return json.load(f).get("hub_model_id") or weights
+
+
 def fuse_aligned_weights(pipe: Any, weights: str) -> Any:
     """Make a training run's output part of `pipe`'s own weights and return `pipe`: a LoRA fused into the denoiser
     (then unloaded: no adapter is left), or a full fine-tune's denoiser in place of the pipeline's own; a LoRA that

@@ -7,8 +7,11 @@ import os
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+from transformers.utils import logging
 
 from ..losses import LOSS_CONFIG_FIELDS
+
+logger = logging.get_logger(__name__)
 
 TAGS = ["vipo-trl", "diffusers"]  # then one tag per method trained with: "poly-dpo", "diffusion-dpo", ...
 
@@ -199,9 +202,19 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | list[str] |
     """A `huggingface_hub.ModelCard` describing how `trainer` produced its model; `dataset_name` may list the sets
     of a mixture."""
     from .._version import __version__
+    from ..models.generation import published_name
 
     args, family = trainer.args, trainer.family
     base_model = family.name_or_path or "<base model>"
+    # The runs this one started from, by the Hub repo each was pushed to where its folder records one
+    started = [(published_name(weights), kind) for weights, kind in family.fused_runs]
+    unpublished = [weights for weights, _ in started if os.path.isabs(weights)]
+    if unpublished and args.push_to_hub:
+        logger.warning(
+            "The model card's loading code names %s, the local folder(s) of the run(s) this one started from, which "
+            "the card's readers cannot load. Push those runs first (push_to_hub): a card then names their repos.",
+            ", ".join(unpublished),
+        )
     pipeline_class = family.pipeline_class.__name__
     methods = dict.fromkeys(METHOD_NAMES.get(name, name) for name in args.loss_type)
     tags = [*TAGS, *(m.lower().replace(" ", "-").replace("_", "-") for m in methods)]
@@ -226,7 +239,7 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | list[str] |
         # The settings of the losses trained with (a Diffusion-DPO run's card shows no poly_alpha)
         **{field: getattr(args, field) for name in args.loss_type for field in LOSS_CONFIG_FIELDS.get(name, ())},
         **({"loss_params": json.dumps(args.loss_params, sort_keys=True)} if args.loss_params else {}),
-        **({"started from": ", ".join(w for w, _ in family.fused_runs)} if family.fused_runs else {}),
+        **({"started from": ", ".join(w for w, _ in started)} if started else {}),
         "method": f"LoRA (r={trainer.lora_rank})" if trainer.is_lora else "full fine-tuning",
         "steps": trainer.state.global_step,
         "learning rate": args.learning_rate,
@@ -258,9 +271,7 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | list[str] |
         template_str=CARD_TEMPLATE,
         model_name=repo_id.split("/")[-1],
         summary=summary,
-        snippet=loading_snippet(
-            pipeline_class, base_model, repo_id, trainer.is_lora, family.denoiser_name, family.fused_runs
-        ),
+        snippet=loading_snippet(pipeline_class, base_model, repo_id, trainer.is_lora, family.denoiser_name, started),
         training=training,
         metrics=metrics,
         grid=grid,

@@ -707,6 +707,8 @@ class PolyDPOTrainer(Trainer):
                 description = {**self.family.describe(), "lora": self.is_lora, "loss_type": self.args.loss_type}
                 description["started_from"] = self.family.fused_runs  # fused into the base before training
                 description["ref_model"] = self.ref_model_name
+                # Where the run is published, so the card of a later run started from this folder names the repo
+                description["hub_model_id"] = self.hub_model_id if self.args.push_to_hub else None
                 json.dump(description, f, indent=2)
             for name in os.listdir(scratch):
                 os.replace(os.path.join(scratch, name), os.path.join(output_dir, name))
