@@ -73,9 +73,8 @@ def test_the_quickstart_trains_saves_and_loads_into_the_pipeline(doc, tiny_sd_pa
 def test_the_docs_front_page_snippet_trains(tiny_sd_path, pickapic_copy):
     (train,) = python_blocks("docs/index.md")
     namespace = run(made_tiny(train, tiny_sd_path, TINY))
-    namespace.update(
-        run(
-            f'from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("{tiny_sd_path}")\npipe.load_lora_weights("sd15-polydpo")'
-        )
-    )  # noqa: E501  (what its comment says)
+    load = 'pipe.load_lora_weights("sd15-polydpo")'  # what the snippet's last comment says to do
+    assert load in train
+    pipeline = f"StableDiffusionPipeline.from_pretrained({tiny_sd_path!r})"
+    namespace.update(run(f"from diffusers import StableDiffusionPipeline\npipe = {pipeline}\n{load}"))
     check_trained_and_loaded(pickapic_copy, namespace)
