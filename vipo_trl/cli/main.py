@@ -105,7 +105,6 @@ def _trainer_inputs(model_args: Any, config: Any, given: set[str], embedded: boo
         config.revision = model_args.model_revision
     if model_args.dtype not in (None, "auto", "float32") and config.torch_dtype is None:
         config.torch_dtype = model_args.dtype  # the frozen weights' dtype
-    lora_flags = [f"--{flag}" for flag in LORA_FLAGS if flag in given]
     if embedded:
         from peft import LoraConfig
 
@@ -124,6 +123,7 @@ def _trainer_inputs(model_args: Any, config: Any, given: set[str], embedded: boo
         overrides = {field: getattr(model_args, flag) for flag, field in LORA_FLAGS.items() if flag in given}
         peft_config, quantization_config = LoraConfig(**{**DEFAULT_LORA, **overrides}), None
     else:
+        lora_flags = [f"--{flag}" for flag in LORA_FLAGS if flag in given]
         if lora_flags and not model_args.use_peft and "use_peft" not in given:
             raise CliError(
                 f"{' '.join(lora_flags)} set up a LoRA, but without --use_peft the whole denoiser is fine-tuned (as in "
