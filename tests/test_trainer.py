@@ -200,14 +200,16 @@ def _unloadable_peft_configs():
         (LoraConfig(r=4, target_modules=LORA_TARGETS, bias="lora_only"), "bias='lora_only'"),
         (LoraConfig(r=4, target_parameters=["weight"]), "target_parameters=['weight']"),
         (LoraConfig(r=0, target_modules=LORA_TARGETS), "LoraConfig.r=0"),
+        (LoraConfig(r=4, target_modules=LORA_TARGETS, init_lora_weights="pissa"), "init_lora_weights='pissa' rewrites"),
     ]
 
 
 @pytest.mark.parametrize("peft_config, expected", _unloadable_peft_configs(), ids=lambda v: str(v)[:24])
 def test_a_lora_the_pipeline_could_not_load_is_refused_before_the_model_loads(tmp_path, peft_config, expected):
     """`load_lora_weights` refuses a file holding whole modules or base biases, and loads no other adapter type:
-    found out after training, that is the whole run lost. (The model folder does not exist: loading it would fail
-    with another message.)"""
+    found out after training, that is the whole run lost; an initialisation that rewrites the base weights (PiSSA)
+    would make the reference another model. (The model folder does not exist: loading it fails with another
+    message.)"""
     import re
 
     with pytest.raises(ValueError, match=re.escape(expected)):

@@ -358,6 +358,13 @@ def check_lora_config(peft_config: Any, field_name: Callable[[str], str] = "Lora
                 f"{field_name(name)}={getattr(peft_config, name)!r}: `load_lora_weights` cannot load what it trains, "
                 f"so the saved LoRA would not load into the pipeline. Leave it unset; {fix}."
             )
+    init = peft_config.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "loftq", "corda")):
+        raise ValueError(
+            f"{field_name('init_lora_weights')}={init!r} rewrites the base weights when the LoRA is created: the "
+            "reference (the network with its adapters disabled) would no longer be the base model, and the saved "
+            "LoRA would not fit the base a pipeline loads. Use True (peft's default) or 'gaussian'."
+        )
     if peft_config.bias != "none":
         raise ValueError(
             f"{field_name('bias')}={peft_config.bias!r} trains the base layers' biases, which `load_lora_weights` "
