@@ -255,6 +255,10 @@ def test_bad_output_dir_and_resume(tmp_path, tiny_sd_path, data_files, capsys, n
     save_file({"x": torch.zeros(1)}, str(ckpt / "pytorch_lora_weights.safetensors"), metadata=metadata)
     argv = [*base, *out, "--use_peft", "--lora_r", "4", "--resume_from_checkpoint", str(ckpt)]
     assert "rank 8" in one_line_error(argv, capsys)
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 32, "unet.use_dora": True})}
+    save_file({"x": torch.zeros(1)}, str(ckpt / "pytorch_lora_weights.safetensors"), metadata=metadata)
+    line = one_line_error(argv, capsys)  # a checkpoint of a DoRA, resumed as a plain LoRA
+    assert "its LoRA has use_dora True, this run --use_dora False" in line, line
 
 
 @pytest.mark.parametrize(

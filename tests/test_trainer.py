@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -499,6 +500,28 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, tiny_sd_path):
     for k in full_state:
         torch.testing.assert_close(resumed_state[k], full_state[k])
     assert resumed_losses[3] == pytest.approx(full_losses[3]) and resumed_losses[4] == pytest.approx(full_losses[4])
+
+
+@pytest.mark.parametrize(
+    "changed, expected",
+    [
+        (
+            {"use_dora": True},
+            "LoRA tensors it lacks ['down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_magn",
+        ),
+        ({"target_modules": ["to_q"]}, "unexpected keys"),
+    ],
+)
+def test_a_resume_with_another_lora_is_refused(tmp_path, tiny_sd_path, changed, expected):
+    """A checkpoint loads only into the LoRA it was saved from: a resume that adds DoRA would otherwise start the
+    magnitudes afresh without a word."""
+    first = PolyDPOTrainer(tiny_sd_path, config(tmp_path, max_steps=1, save_strategy="steps", save_steps=1),
+                           pickapic_dataset(4), peft_config=lora())  # fmt: skip
+    first.train()
+    other = LoraConfig(**{**lora().to_dict(), **changed})
+    again = PolyDPOTrainer(tiny_sd_path, config(tmp_path, max_steps=2), pickapic_dataset(4), peft_config=other)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        again.train(resume_from_checkpoint=True)
 
 
 def test_training_a_finished_run_longer_follows_the_new_schedule_from_its_first_step(tmp_path, tiny_sd_path):

@@ -13,6 +13,18 @@ from .parser import CliError
 #: A hub id is `name` or `org/name` of letters, digits, `-`, `_` and `.`; anything else is meant as a local path.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+#: TRL's LoRA flags and the `peft.LoraConfig` field each sets (as `trl.get_peft_config` reads them).
+LORA_FLAGS = {
+    "lora_r": "r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "lora_target_modules": "target_modules",
+    "lora_target_parameters": "target_parameters",
+    "lora_modules_to_save": "modules_to_save",
+    "use_rslora": "use_rslora",
+    "use_dora": "use_dora",
+}
+LORA_FLAG_OF = {field: flag for flag, field in LORA_FLAGS.items()}
 
 
 def looks_local(name: str) -> bool:
@@ -152,7 +164,7 @@ EARLIER_RUN_FILES = {"poly_dpo_config.json", "pytorch_lora_weights.safetensors",
 
 def check_resume(config: Any, peft_config: Any = None, start_from: Any = None, ref_model: Any = None) -> None:
     """`--resume_from_checkpoint` names a complete checkpoint (or `latest`/`true` with one in output_dir) made with
-    the same LoRA rank, on top of the same `--start_from` runs and against the same `--ref_model`."""
+    the same LoRA settings, on top of the same `--start_from` runs and against the same `--ref_model`."""
     from ..trainer.poly_dpo_trainer import last_complete_checkpoint
 
     resume = config.resume_from_checkpoint
@@ -165,7 +177,7 @@ def check_resume(config: Any, peft_config: Any = None, start_from: Any = None, r
                 f"--resume_from_checkpoint {config.resume_from_checkpoint}: {config.output_dir} holds no complete "
                 "checkpoint-N folder."
             )
-        _check_lora_rank(resume, peft_config)
+        _check_lora_settings(resume, peft_config)
         _check_same_start_and_reference(resume, start_from, ref_model)
         return
     if not os.path.isdir(resume):
@@ -180,7 +192,7 @@ def check_resume(config: Any, peft_config: Any = None, start_from: Any = None, r
             json.load(f)
     except ValueError:
         raise CliError(f"--resume_from_checkpoint {resume}: its trainer_state.json is damaged.") from None
-    _check_lora_rank(resume, peft_config)
+    _check_lora_settings(resume, peft_config)
     _check_same_start_and_reference(resume, start_from, ref_model)
 
 
@@ -198,7 +210,9 @@ def _check_same_start_and_reference(checkpoint: str, start_from: Any, ref_model:
         raise CliError(f"--resume_from_checkpoint {problem}")
 
 
-def _check_lora_rank(checkpoint: str, peft_config: Any) -> None:
+def _check_lora_settings(checkpoint: str, peft_config: Any) -> None:
+    """The checkpoint's LoRA was made with this run's rank, alpha, DoRA and rsLoRA (what its metadata records): a
+    resume with others would fail to load it, or, for DoRA, start its magnitudes afresh without a word."""
     from ..models.base import LORA_WEIGHT_NAME
 
     path = os.path.join(checkpoint, LORA_WEIGHT_NAME)
@@ -208,9 +222,12 @@ def _check_lora_rank(checkpoint: str, peft_config: Any) -> None:
 
     with safe_open(path, "pt") as f:
         metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    ranks = {v for k, v in metadata.items() if k.endswith(".r")}
-    if ranks and ranks != {peft_config.r}:
-        raise CliError(
-            f"--resume_from_checkpoint {checkpoint}: its LoRA has rank {sorted(ranks)[0]}, this run --lora_r "
-            f"{peft_config.r}. Resume with the same --lora_r, or start a new run."
-        )
+    for field in ("r", "lora_alpha", "use_dora", "use_rslora"):
+        saved = {v for k, v in metadata.items() if k.endswith("." + field)}
+        value = getattr(peft_config, field)
+        if saved and saved != {value}:
+            flag, name = LORA_FLAG_OF[field], "rank" if field == "r" else field
+            raise CliError(
+                f"--resume_from_checkpoint {checkpoint}: its LoRA has {name} {sorted(saved)[0]}, this run --{flag} "
+                f"{value}. Resume with the same --{flag}, or start a new run."
+            )

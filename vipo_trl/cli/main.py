@@ -75,20 +75,6 @@ def _load_dataset(script: Any, split: str) -> Any:
         raise CliError(f"--dataset_name {script.dataset_name} (split {split}): cannot read it: {message}") from None
 
 
-#: TRL's LoRA flags and the `peft.LoraConfig` field each sets (as `trl.get_peft_config` reads them).
-LORA_FLAGS = {
-    "lora_r": "r",
-    "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout",
-    "lora_target_modules": "target_modules",
-    "lora_target_parameters": "target_parameters",
-    "lora_modules_to_save": "modules_to_save",
-    "use_rslora": "use_rslora",
-    "use_dora": "use_dora",
-}
-LORA_FLAG_OF = {field: flag for flag, field in LORA_FLAGS.items()}
-
-
 def _trainer_inputs(model_args: Any, config: Any, given: set[str], embedded: bool = False) -> tuple[Any, Any]:
     """TRL's model flags as the trainer takes them: the LoRA config (`trl.get_peft_config`; for the `embedded`
     default, its own LoRA with the LoRA flags given applied), the quantization config
@@ -96,6 +82,7 @@ def _trainer_inputs(model_args: Any, config: Any, given: set[str], embedded: boo
     from trl import get_peft_config, get_quantization_config
 
     from ..models.base import check_lora_config
+    from .checks import LORA_FLAG_OF, LORA_FLAGS
 
     if model_args.attn_implementation is not None:
         raise CliError("--attn_implementation applies to transformers models; diffusers pipelines choose their own.")

@@ -310,8 +310,13 @@ class DiffusionFamily(ABC):
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         result = set_peft_model_state_dict(denoiser, self.lora_state_dict_for_loading(state), adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"The LoRA in {directory} does not fit this model: unexpected keys {unexpected[:5]}.")
+        missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k]
+        if unexpected or missing:  # e.g. another rank, targets or DoRA setting (a missing magnitude would start afresh)
+            keys = f"unexpected keys {unexpected[:5]}" if unexpected else f"LoRA tensors it lacks {missing[:5]}"
+            raise ValueError(
+                f"The LoRA in {directory} does not fit this model's LoRA ({keys}): load it with the LoraConfig it was "
+                "trained with (rank, target modules, use_dora)."
+            )
 
     def sequence_length_kwargs(self) -> dict[str, int]:
         """`max_sequence_length` for pipelines whose `encode_prompt` takes it (T5/UMT5 encoders)."""
