@@ -68,7 +68,7 @@ def test_push_to_hub_uploads_lora_and_card_without_leaking_the_token(tmp_path, t
     assert "Cite Poly-DPO as:" in card and "2604.24953" in card and "Cite TRL as:" in card
     assert "| loss | 1.0 x poly_dpo |" in card and "| beta (resolved) | 2500.0 |" in card
     assert "| poly_alpha | 0.5 |" in card
-    assert "| steps | 2 |" in card and "| method | LoRA (r=4) |" in card
+    assert "| steps | 2 |" in card and "| method | LoRA (r=4, alpha 4) |" in card
     assert "rewards/accuracies" in card  # final metrics
     assert (
         "pipe = StableDiffusionPipeline.from_pretrained(" in card
@@ -185,3 +185,19 @@ def test_a_card_names_the_repo_of_the_pushed_run_this_one_started_from(tmp_path,
         run("stage2b", start_from=str(tmp_path / "local"))
     assert str(tmp_path / "local") in fake_hub.repos["alice/stage2b"]["README.md"].decode()
     assert f"names {tmp_path / 'local'}, the local folder(s)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "settings, method",
+    [
+        ({"lora_alpha": 8}, "LoRA (r=4, alpha 8)"),
+        ({"lora_alpha": 8, "use_dora": True, "use_rslora": True}, "DoRA (r=4, alpha 8, rsLoRA scaling)"),
+    ],
+)
+def test_the_card_says_which_adapter_was_trained(tmp_path, tiny_sd_path, settings, method):
+    from vipo_trl.trainer.model_card import build_model_card
+
+    args = PolyDPOConfig(output_dir=str(tmp_path / "out"), resolution=16, report_to=[], use_cpu=True)
+    lora = LoraConfig(r=4, target_modules=["to_q", "to_v"], **settings)
+    trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=lora)
+    assert f"| method | {method} |" in str(build_model_card(trainer, "alice/x", None))

@@ -191,6 +191,13 @@ def loading_snippet(
     return "\n".join(lines)
 
 
+def _lora_method(config: Any) -> str:
+    """`LoRA (r=64, alpha 64)`, or `DoRA (...)`, with rsLoRA's scaling said when used."""
+    name = "DoRA" if getattr(config, "use_dora", False) else "LoRA"
+    scaling = ", rsLoRA scaling" if getattr(config, "use_rslora", False) else ""
+    return f"{name} (r={getattr(config, 'r', None)}, alpha {getattr(config, 'lora_alpha', None)}{scaling})"
+
+
 def _is_hub_id(name: str | None) -> bool:
     """`name` reads as a Hub repo id (`org/name` or `name`) and is not a local file or folder."""
     import re
@@ -240,7 +247,7 @@ def build_model_card(trainer: Any, repo_id: str, dataset_name: str | list[str] |
         **{field: getattr(args, field) for name in args.loss_type for field in LOSS_CONFIG_FIELDS.get(name, ())},
         **({"loss_params": json.dumps(args.loss_params, sort_keys=True)} if args.loss_params else {}),
         **({"started from": ", ".join(w for w, _ in started)} if started else {}),
-        "method": f"LoRA (r={trainer.lora_rank})" if trainer.is_lora else "full fine-tuning",
+        "method": _lora_method(trainer.lora_config) if trainer.is_lora else "full fine-tuning",
         "steps": trainer.state.global_step,
         "learning rate": args.learning_rate,
         "batch (per device x accumulation)": f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}",

@@ -787,9 +787,13 @@ class PolyDPOTrainer(Trainer):
     # ------------------------------------------------------------------ the Hub
 
     @property
+    def lora_config(self) -> Any:
+        """The trained adapter's `peft.LoraConfig` (None for a full fine-tune)."""
+        return getattr(self.accelerator.unwrap_model(self.model), "peft_config", {}).get("default")
+
+    @property
     def lora_rank(self) -> int | None:
-        config = getattr(self.accelerator.unwrap_model(self.model), "peft_config", {}).get("default")
-        return getattr(config, "r", None)
+        return getattr(self.lora_config, "r", None)
 
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | list[str] | None = None, **kwargs
