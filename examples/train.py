@@ -24,6 +24,7 @@ from vipo_trl.cli import main as vipo_trl
 FAMILY_OF_MODEL = {
     "stable-diffusion-v1-5": "sd",
     "stable-diffusion-xl": "sdxl",
+    "stable-diffusion-3.5": "sd35",
     "stable-diffusion-3": "sd3",
     "FLUX.1": "flux",
     "Wan2.1": "wan",
@@ -32,6 +33,7 @@ SMOKE = {
     "sd": {"resolution": 16, "aspect_ratio_buckets": "64,64;64,128"},
     "sdxl": {"resolution": 16, "aspect_ratio_buckets": "64,64;64,128"},
     "sd3": {"resolution": 8, "aspect_ratio_buckets": "16,16;16,32", "max_sequence_length": 8},
+    "sd35": {"resolution": 8, "aspect_ratio_buckets": "16,16;16,32", "max_sequence_length": 8},
     "flux": {"resolution": 8, "aspect_ratio_buckets": "16,16;16,32", "max_sequence_length": 8},
     "wan": {"resolution": 16, "aspect_ratio_buckets": "16,16;16,32", "max_sequence_length": 8, "num_frames": 9},
 }

@@ -11,6 +11,7 @@ from vipo_trl.testing import (  # noqa: F401  (re-exported)
     flux_pipeline,
     pickapic_dataset,
     sd3_pipeline,
+    sd35_pipeline,
     sd_pipeline,
     sdxl_pipeline,
     video_dataset,
@@ -35,6 +36,14 @@ FAMILIES = [
     Family(
         "sd3",
         sd3_pipeline,
+        8,
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        {"height": 8, "width": 8},
+        config_overrides={"max_sequence_length": 8},
+    ),
+    Family(
+        "sd35",
+        sd35_pipeline,
         8,
         ["to_q", "to_k", "to_v", "to_out.0"],
         {"height": 8, "width": 8},

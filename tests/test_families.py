@@ -357,7 +357,7 @@ def pipeline_unconditional(name, pipe, prompt):
             "encoder_hidden_states": neg,
             "text_embeds": neg_pooled,
         }
-    if name == "sd3":
+    if name in ("sd3", "sd35"):
         pos, neg, pooled, neg_pooled = pipe.encode_prompt(
             prompt, prompt, prompt, device="cpu", do_classifier_free_guidance=True, max_sequence_length=8
         )

@@ -245,6 +245,30 @@ def sd3_pipeline(with_t5: bool = True):
     )
 
 
+def sd35_pipeline():
+    """SD3.5's transformer variant (Medium: RMS-normalised queries and keys, a second self-attention in the first
+    layers), otherwise as `sd3_pipeline`."""
+    from diffusers import SD3Transformer2DModel
+
+    pipe = sd3_pipeline()
+    torch.manual_seed(0)
+    pipe.transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0,),
+    )
+    return pipe
+
+
 def flux_pipeline():
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
@@ -324,13 +348,14 @@ TINY_PIPELINES = {
     "sd": sd_pipeline,
     "sdxl": sdxl_pipeline,
     "sd3": sd3_pipeline,
+    "sd35": sd35_pipeline,
     "flux": flux_pipeline,
     "wan": wan_pipeline,
 }
 
 
 def tiny_pipeline(family: str) -> Any:
-    """A tiny pipeline of `family` ("sd", "sdxl", "sd3", "flux" or "wan") with random weights."""
+    """A tiny pipeline of `family` ("sd", "sdxl", "sd3", "sd35", "flux" or "wan") with random weights."""
     try:
         return TINY_PIPELINES[family]()
     except KeyError:
