@@ -990,3 +990,54 @@ def test_resuming_without_the_same_start_or_reference_is_refused(tmp_path, tiny_
     resumed = PolyDPOTrainer(tiny_sd_path, longer, pickapic_dataset(4), peft_config=lora(), **earlier)
     resumed.train(checkpoint)
     assert resumed.state.global_step == 2
+
+
+@pytest.fixture(scope="module")
+def two_format_lora(tiny_sd_path, tmp_path_factory):
+    """A LoRA on every linear layer as builds before 2026-12-06 saved it: the attention projections in diffusers'
+    older UNet keys (`lora.down`), the other layers in peft's (`lora_A`)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("two-formats")
+    args = config(out, max_steps=1)
+    all_linear = LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights="gaussian")
+    trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(2), peft_config=all_linear)
+    trainer.train()
+    trainer.save_model()
+    path = os.path.join(args.output_dir, "pytorch_lora_weights.safetensors")
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    save_file(convert_state_dict_to_diffusers(load_file(path)), path, metadata=metadata)
+    return args.output_dir
+
+
+def test_a_lora_saved_in_two_key_formats_is_refused_where_it_would_load_in_part(
+    tmp_path, tiny_sd_path, two_format_lora, capsys, monkeypatch
+):
+    """`load_lora_weights` drops part of such a file with a warning: sampling (`eval --lora`), fusing (`start_from`)
+    and a reference (`ref_model`) refuse it instead, the command line with one line before loading a model."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    from vipo_trl.cli import main
+    from vipo_trl.models.generation import load_aligned_weights
+
+    message = "mixes two key formats"
+    data = str(tmp_path / "pairs.parquet")
+    pickapic_dataset(2).to_parquet(data)
+    with monkeypatch.context() as patch:
+        patch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
+        for flag in ("--ref_model", "--start_from"):
+            argv = ["train", "--model_name_or_path", tiny_sd_path, "--dataset_name", data, flag, two_format_lora]
+            with pytest.raises(SystemExit):
+                main([*argv, "--output_dir", str(tmp_path / flag[2:]), "--use_peft", "--report_to", "none"])
+            assert f"vipo-trl: error: {flag} {two_format_lora}: its LoRA {message}" in capsys.readouterr().err
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    with pytest.raises(ValueError, match=message):
+        load_aligned_weights(pipe, two_format_lora)
+    for setting in ("ref_model", "start_from"):
+        with pytest.raises(ValueError, match=message):
+            PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(2), peft_config=lora(),
+                           **{setting: two_format_lora})  # fmt: skip

@@ -71,7 +71,7 @@ def check_model(name: str) -> None:
 
 def check_ref_model(name: str) -> None:
     """A local reference must be a LoRA folder (an earlier round's output) or a whole pipeline folder."""
-    from ..models.base import LORA_WEIGHT_NAME
+    from ..models.base import LORA_WEIGHT_NAME, check_lora_file
 
     if not looks_local(name):
         return
@@ -79,6 +79,10 @@ def check_ref_model(name: str) -> None:
     if not os.path.exists(path):
         raise CliError(f"--ref_model {name}: no such folder (nor is it a hub id like 'org/name').")
     if os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
+        try:
+            check_lora_file(path)
+        except ValueError as exc:
+            raise CliError(f"--ref_model {exc}") from None
         return
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise CliError(

@@ -339,6 +339,25 @@ class UNetLoraKeys:
         return convert_unet_state_dict_to_peft(state)
 
 
+def check_lora_file(directory: str) -> None:
+    """Refuse a LoRA file whose keys mix diffusers' older UNet format with peft's, as earlier builds wrote a LoRA on
+    more than the attention projections: `load_lora_weights` would load it only in part, without an error."""
+    from safetensors import safe_open
+
+    path = os.path.join(directory, LORA_WEIGHT_NAME)
+    if not os.path.isfile(path):
+        return
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    older = any(".lora.down." in k or ".lora.up." in k for k in keys)
+    if older and any(".lora_A." in k or ".lora_B." in k for k in keys):
+        raise ValueError(
+            f"{directory}: its LoRA mixes two key formats (written by a vipo-trl build before 2026-12-06 for a LoRA on "
+            "more than the attention projections), which `load_lora_weights` loads only in part. Save it again: "
+            "resume its run from one of its checkpoints (docs/troubleshooting.md)."
+        )
+
+
 def check_lora_config(peft_config: Any, field_name: Callable[[str], str] = "LoraConfig.{}".format) -> None:
     """Refuse a peft config whose trained weights a pipeline's `load_lora_weights` cannot load, before any training:
     it loads LoRA layers (DoRA, rsLoRA and `lora_bias` included), not other adapter types, whole modules or the base

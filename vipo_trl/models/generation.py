@@ -89,7 +89,7 @@ def check_aligned_weights(weights: str, pipe: Any = None) -> str:
     check) or `"denoiser"` (the folder of a full fine-tune's denoiser; with `pipe`, of the class of `pipe`'s). Raises
     a `ValueError` naming what was looked for when it holds neither or the wrong class, before anything is
     generated."""
-    from .base import DENOISER_WEIGHT_NAME, LORA_WEIGHT_NAME
+    from .base import DENOISER_WEIGHT_NAME, LORA_WEIGHT_NAME, check_lora_file
 
     if not os.path.isdir(weights):
         if os.path.exists(weights) or weights.startswith((".", "/", "~")):
@@ -97,6 +97,7 @@ def check_aligned_weights(weights: str, pipe: Any = None) -> str:
         return "lora"
     names = set(os.listdir(weights))
     if LORA_WEIGHT_NAME in names:
+        check_lora_file(weights)
         return "lora"
     if not ("config.json" in names and names & {DENOISER_WEIGHT_NAME, DENOISER_WEIGHT_NAME + ".index.json"}):
         raise ValueError(

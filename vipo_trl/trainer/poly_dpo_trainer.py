@@ -46,6 +46,7 @@ from ..models.base import (
     DENOISER_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     check_lora_config,
+    check_lora_file,
     randn_like_rows,
     save_gathered_weights,
     to_device,
@@ -187,6 +188,8 @@ class PolyDPOTrainer(Trainer):
             )
         if peft_config is not None:
             check_lora_config(peft_config)
+        if _lora_folder(ref_model) is not None:
+            check_lora_file(os.fspath(ref_model))
         if isinstance(model, DiffusionFamily):
             self.family = model
         elif isinstance(model, DiffusionPipeline):
