@@ -310,7 +310,8 @@ class DiffusionFamily(ABC):
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         result = set_peft_model_state_dict(denoiser, self.lora_state_dict_for_loading(state), adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
-        missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k]
+        # Only this adapter's tensors count: a frozen reference LoRA beside it (`ref_model`) is not in the file.
+        missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k and ".default." in k]
         if unexpected or missing:  # e.g. another rank, targets or DoRA setting (a missing magnitude would start afresh)
             keys = f"unexpected keys {unexpected[:5]}" if unexpected else f"LoRA tensors it lacks {missing[:5]}"
             raise ValueError(
