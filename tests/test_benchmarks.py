@@ -137,3 +137,14 @@ def test_qlora_check_runs_its_code_on_the_cpu(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "qlora_check.json").read_text())
     assert result["failures"] == [] and result["lora_B_norm"] > 0 and result["image_change_max_abs"] > 1e-3
+
+
+def test_bench_adapter_switch_times_both_switches_after_checking_they_agree(monkeypatch):
+    """Both ways of switching to the reference leave every LoRA layer in the same state (the script checks it before
+    timing); the figures come out for both references."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from bench_adapter_switch import measure
+
+    for reference_adapter in (False, True):
+        row = measure("sd15", tiny=True, reference_adapter=reference_adapter, rounds=1, switches=2)
+        assert row["lora_layers"] == 128 and row["trainer_ms_per_step"] > 0 and row["diffusers_ms_per_step"] > 0
