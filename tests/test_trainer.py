@@ -149,6 +149,33 @@ def test_ref_model_from_an_earlier_lora_run_is_that_model(tmp_path, tiny_sd_path
     assert not any(p.requires_grad for p in full.ref_denoiser.parameters())
 
 
+def test_an_earlier_loras_dropout_does_not_make_the_reference_random(tmp_path, tiny_sd_path):
+    """A round-1 LoRA trained with dropout (the command line's default is 0.05), held as round 2's reference: in
+    training mode its forward is still round 1's model, the same on every call."""
+    from diffusers import StableDiffusionPipeline
+
+    dropout = LoraConfig(**{**lora().to_dict(), "lora_dropout": 0.5})
+    args = config(tmp_path, output_dir=str(tmp_path / "round1"), max_steps=2, learning_rate=5e-2)
+    first = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(8), peft_config=dropout)
+    first.train()
+    first.save_model()
+    second = PolyDPOTrainer(
+        tiny_sd_path, config(tmp_path), pickapic_dataset(8), peft_config=dropout, ref_model=str(tmp_path / "round1")
+    )
+    round1 = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    round1.load_lora_weights(str(tmp_path / "round1"))
+    batch = one_batch(second)
+    latents = second.family.encode_images(batch["pixel_values_chosen"], second._pair_generators(batch["row_index"], 0))
+    cond = second.family.encode_conditioning(batch)
+    t = torch.tensor([10, 500])
+    second.model.train()  # as Trainer keeps it
+    with torch.no_grad():
+        refs = [second._reference_prediction(second.model, latents, t, cond) for _ in range(2)]
+        expected = round1.unet.eval()(latents, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    torch.testing.assert_close(refs[0], refs[1], rtol=0, atol=0)
+    torch.testing.assert_close(refs[0], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_model_can_be_a_loaded_pipeline(tmp_path, tiny_sd_path):
     from diffusers import StableDiffusionPipeline
 
@@ -190,6 +217,52 @@ def test_saved_lora_loads_into_the_official_pipeline_and_changes_the_image(tmp_p
     assert trained.keys() == loaded.keys()
     for k in trained:
         torch.testing.assert_close(loaded[k], trained[k])
+
+
+def test_a_lora_trained_with_dropout_samples_without_it_once_loaded(tmp_path, tiny_sd_path):
+    """Dropout is for training: loaded into the official pipeline (`load_lora_weights`, which keeps a LoRA's dropout
+    in training mode in an eval-mode pipeline) or by vipo-trl's own loader (also a file whose metadata names a
+    dropout, as earlier builds wrote), the same seed gives the same image."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from vipo_trl.models.generation import load_aligned_weights
+
+    dropout = LoraConfig(**{**lora().to_dict(), "lora_dropout": 0.5})
+    trainer = PolyDPOTrainer(
+        tiny_sd_path, config(tmp_path, max_steps=2, learning_rate=5e-2), pickapic_dataset(8), peft_config=dropout
+    )
+    trainer.train()
+    trainer.save_model()
+    out = trainer.args.output_dir
+    path = os.path.join(out, "pytorch_lora_weights.safetensors")
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["lora_adapter_metadata"])["unet.lora_dropout"] == 0.0
+    with open(os.path.join(out, "vipo_trl_model.json")) as f:
+        assert json.load(f)["lora_dropout"] == 0.5  # what it trained with, recorded beside the weights
+
+    def twice(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return [
+            pipe("a red square", num_inference_steps=2, height=16, width=16, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+            for _ in range(2)
+        ]  # fmt: skip
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None)
+    pipe.load_lora_weights(out)
+    first, second = twice(pipe)
+    np.testing.assert_array_equal(first, second)
+
+    older = json.loads(metadata["lora_adapter_metadata"])
+    older["unet.lora_dropout"] = 0.5
+    save_file(load_file(path), path, metadata={**metadata, "lora_adapter_metadata": json.dumps(older)})
+    first, second = twice(load_aligned_weights(StableDiffusionPipeline.from_pretrained(tiny_sd_path), out))
+    np.testing.assert_array_equal(first, second)
 
 
 def _unloadable_peft_configs():

@@ -292,14 +292,20 @@ class DiffusionFamily(ABC):
     ) -> None:
         """Write the LoRA as `pytorch_lora_weights.safetensors` in the family's diffusers format, with its
         `LoraConfig` as metadata, loadable by the pipeline's `load_lora_weights`. `state_dict`: as in
-        `lora_state_dict_for_saving`."""
+        `lora_state_dict_for_saving`.
+
+        The metadata says `lora_dropout` 0 whatever the run trained with: dropout is a training-time setting, and
+        `load_lora_weights` builds the adapter from this metadata with its dropout in training mode even in a
+        pipeline in eval mode, so a file saying 0.05 (TRL's default) samples with dropout on: another image from the
+        same seed each time."""
         name = self.denoiser_name
+        metadata = {**denoiser.peft_config["default"].to_dict(), "lora_dropout": 0.0}
         self.pipeline_class.save_lora_weights(
             save_directory,
             weight_name=LORA_WEIGHT_NAME,
             **{
                 f"{name}_lora_layers": self.lora_state_dict_for_saving(denoiser, state_dict),
-                f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
+                f"{name}_lora_adapter_metadata": metadata,
             },
         )
 

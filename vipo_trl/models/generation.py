@@ -124,6 +124,9 @@ def load_aligned_weights(pipe: Any, weights: str) -> Any:
         for earlier, _ in started_from(weights):
             _fuse_one(pipe, earlier)
         pipe.load_lora_weights(weights)
+        # A LoRA file whose metadata names a dropout (another trainer's, or this one's before 2026-12-08) is built
+        # with it in training mode even in an eval-mode pipeline: sampling would drop activations at random.
+        _denoiser_of(pipe)[1].eval()
         return pipe
     name, base = _denoiser_of(pipe)
     tuned = type(base).from_pretrained(weights, torch_dtype=base.dtype, use_safetensors=True).to(base.device)

@@ -309,6 +309,11 @@ class PolyDPOTrainer(Trainer):
                         adapter_name=self.ref_adapter,
                     )
                 denoiser.set_adapter("default")
+                # The reference is one fixed model: the earlier LoRA's dropout (TRL's --lora_dropout defaults to 0.05)
+                # would make each of its forwards another random network, Trainer keeping the model in training mode.
+                for layer in denoiser.modules():
+                    if isinstance(layer, BaseTunerLayer) and self.ref_adapter in getattr(layer, "lora_dropout", {}):
+                        layer.lora_dropout[self.ref_adapter] = nn.Identity()
             cast_training_params(denoiser, dtype=torch.float32)  # trainable LoRA weights are kept in float32
         else:
             if denoiser.dtype != torch.float32:
@@ -712,6 +717,8 @@ class PolyDPOTrainer(Trainer):
                 description["ref_model"] = self.ref_model_name
                 # Where the run is published, so the card of a later run started from this folder names the repo
                 description["hub_model_id"] = self.hub_model_id if self.args.push_to_hub else None
+                if self.is_lora:  # (the LoRA file's metadata says 0: see `DiffusionFamily.save_lora`)
+                    description["lora_dropout"] = denoiser.peft_config["default"].lora_dropout
                 json.dump(description, f, indent=2)
             for name in os.listdir(scratch):
                 os.replace(os.path.join(scratch, name), os.path.join(output_dir, name))
