@@ -68,6 +68,12 @@ def test_the_quickstart_trains_saves_and_loads_into_the_pipeline(doc, tiny_sd_pa
     check_trained_and_loaded(pickapic_copy, namespace)
     if small:
         assert namespace["image"].size == (16, 16)
+    predict = [block for block in python_blocks(doc) if "trainer.predict(held_out)" in block]
+    if doc == "docs/quickstart.md":  # its held-out pairs snippet, on the trained trainer
+        (block,) = predict
+        namespace = {**namespace, "held_out": pickapic_dataset(3, ties=1)}
+        exec(compile(block, "<snippet>", "exec"), namespace)
+        assert namespace["out"].predictions.shape == (3, 2) and namespace["out"].label_ids.tolist() == [0, 1, 2]
 
 
 def test_the_docs_front_page_snippet_trains(tiny_sd_path, pickapic_copy):

@@ -534,6 +534,31 @@ def test_torch_compile_compiles_the_reference_forward_as_well_as_the_policys(tmp
     assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
 
 
+def test_predict_gives_each_pairs_implicit_rewards_and_the_row_it_is_for(tmp_path, tiny_sd_path):
+    """`trainer.predict` as TRL users know it: per pair [reward_chosen, reward_rejected] under evaluation's fixed
+    noise, the dataset row as label (a tie, which training skips, has none), and the metrics `evaluate` reports,
+    under `test_`, taken so none leaks into the next evaluation."""
+    args = config(tmp_path, max_steps=2, learning_rate=5e-2, poly_alpha=2.0)
+    trainer = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=lora())
+    trainer.train()
+    test = pickapic_dataset(4, ties=1)
+    out = trainer.predict(test)
+    assert out.predictions.shape == (4, 2) and out.label_ids.tolist() == [0, 1, 2, 3]
+
+    trainer.model.eval()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_test_dataloader(trainer._prepare_dataset(test, args)))))
+    with torch.no_grad():
+        chosen, rejected = implicit_rewards(trainer.denoising_errors(trainer.model, batch, salt=-1), trainer.beta)
+    np.testing.assert_allclose(out.predictions, torch.stack([chosen, rejected], 1).numpy(), rtol=1e-5)
+
+    p = 1 / (1 + np.exp(-(out.predictions[:, 0] - out.predictions[:, 1])))  # (one batch of 4)
+    assert out.metrics["test_loss"] == pytest.approx(np.mean(-np.log(p) + 2.0 * (1 - p)), rel=1e-4)
+    assert out.metrics["test_rewards/accuracies"] == pytest.approx(np.mean(p > 0.5))
+    assert not trainer._metrics["eval"]
+    again = trainer.evaluate(test)
+    assert again["eval_rewards/margins"] == pytest.approx(out.metrics["test_rewards/margins"], rel=1e-5)
+
+
 def test_evaluation_reports_prefixed_metrics(tmp_path, tiny_sd_path):
     trainer = PolyDPOTrainer(
         tiny_sd_path, config(tmp_path), pickapic_dataset(4), eval_dataset=pickapic_dataset(4), peft_config=lora()

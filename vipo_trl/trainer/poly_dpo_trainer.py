@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import set_seed
+from transformers.trainer_utils import PredictionOutput, set_seed
 from transformers.utils import logging
 
 from ..data import (
@@ -559,7 +559,14 @@ class PolyDPOTrainer(Trainer):
             self._record_categories(errors, inputs.get("categories") or [], mode)
         if mode == "train":
             self._skipped_since_log.update(reason for _, reason in inputs.get("skipped", []))
-        return (loss, metrics) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        # Each pair's implicit rewards [chosen, rejected] for `predict` (NaN for a loss without a reference)
+        if errors.has_reference:
+            pair_rewards = torch.stack([chosen, rejected], dim=1).detach()
+        else:
+            pair_rewards = errors.policy_chosen.new_full((len(errors.policy_chosen), 2), float("nan"))
+        return loss, {**metrics, "pair_rewards": pair_rewards}
 
     @torch.no_grad()
     def _record_categories(self, errors: DenoisingErrors, categories: list[Any], mode: str) -> None:
@@ -637,15 +644,29 @@ class PolyDPOTrainer(Trainer):
             eval_dataset = self._prepare_dataset(eval_dataset, self.args)
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
+        """`Trainer.predict` on a preference set (raw, or a cache folder, prepared like the training set): the metrics
+        as `evaluate` gives them (`test_` prefixed), and per pair `predictions[i] = [reward_chosen, reward_rejected]`
+        (the implicit rewards `-0.5 * beta * (e - e_ref)`, same fixed noise as `evaluate`; NaN for a loss without a
+        reference) with `label_ids[i]` the dataset row it is for (rows training skips, such as ties, have none)."""
+        output = super().predict(
+            self._prepare_dataset(test_dataset, self.args), ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+        output.metrics.update(self._collected_metrics("eval", f"{metric_key_prefix}_"))  # (no log call to take them)
+        return output
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        rows = torch.tensor(inputs["row_index"], device=loss.device)
+        return loss.detach(), outputs["pair_rewards"], rows
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs else "eval"
-        prefix = "eval_" if mode == "eval" else ""
+    def _collected_metrics(self, mode: str, prefix: str) -> dict[str, float]:
+        """The means of the metrics gathered since the last call, over every process, and their reset."""
+        logs = {}
         for key, values in self._metrics[mode].items():
             value = torch.stack(values).mean().to(self.accelerator.device)
             logs[prefix + key] = self.accelerator.gather_for_metrics(value).mean().item()
@@ -657,6 +678,11 @@ class PolyDPOTrainer(Trainer):
                     if sums[1, m, c] > 0:
                         logs[f"{prefix}category/{name}/{metric}"] = (sums[0, m, c] / sums[1, m, c]).item()
             self._category_sums[mode].zero_()
+        return logs
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        logs.update(self._collected_metrics(mode, "eval_" if mode == "eval" else ""))
         if mode == "train" and self._nonfinite_since_log:
             logs["nonfinite/skipped_steps"] = self._nonfinite_since_log
             self._nonfinite_since_log = 0
