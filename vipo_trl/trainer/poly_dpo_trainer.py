@@ -517,7 +517,7 @@ class PolyDPOTrainer(Trainer):
         try:
             return self.family.predict(network, noisy_input, timesteps, conditioning, dtype)
         finally:
-            self._switch_to_reference(model, False)  # the policy's LoRA on and trainable again, the reference's not
+            self._switch_to_reference(model, False)  # the policy's LoRA on again
 
     def preference_loss(self, errors: DenoisingErrors) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted sum of the selected losses, and each loss's value and metrics."""
@@ -878,7 +878,8 @@ def switch_lora_layers(layers: list[BaseTunerLayer], reference: bool, reference_
 
     Only the two flags each LoRA layer's forward reads are flipped. diffusers' `disable_adapters`/`enable_adapters`
     and `set_adapter` also walk every module and reset each adapter's `requires_grad` and training mode, twice a step:
-    about 18 ms of host time a step for SD1.5's UNet, against 0.2 ms here (`benchmarks/bench_adapter_switch.py`).
+    12-18 ms of host time a step for SD1.5's UNet and 55-75 ms for SDXL's, against 0.3 and 1.4-2.1 ms here
+    (`benchmarks/bench_adapter_switch.py`).
     The reference forward runs without gradients, so which LoRA weights require them does not matter there, and
     they are as the policy needs them when it is back. (peft's properties ask that these flags be set through those
     methods; the tests that compare the reference with the base network, or with a loaded earlier LoRA, fail if peft
