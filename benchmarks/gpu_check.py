@@ -137,8 +137,10 @@ def run_mode(size: str, mode: str, pairs: int, steps: int, device: str, dtype: t
     from types import SimpleNamespace
 
     from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     from vipo_trl.losses import DenoisingErrors, get_loss
+    from vipo_trl.trainer.poly_dpo_trainer import switch_lora_layers
 
     torch.manual_seed(0)
     # Built on the device in its dtype: a 12B transformer initialised in float32 on the CPU takes minutes and 48 GB.
@@ -158,6 +160,7 @@ def run_mode(size: str, mode: str, pairs: int, steps: int, device: str, dtype: t
         )
     )
     params = [p for p in net.parameters() if p.requires_grad]
+    lora_layers = [m for m in net.modules() if isinstance(m, BaseTunerLayer)]
     for p in params:
         p.data = p.data.float()
     if mode == "checkpointing":
@@ -183,10 +186,10 @@ def run_mode(size: str, mode: str, pairs: int, steps: int, device: str, dtype: t
         noise = torch.randn_like(latents)
         x = torch.cat([latents, latents]) + torch.cat([noise, noise])  # the pair shares noise and timestep
         t = torch.randint(0, 1000, (pairs,), device=device).repeat(2)
-        with torch.inference_mode():
-            net.disable_adapters()
+        with torch.inference_mode():  # the reference: adapters off, as the trainer switches them
+            switch_lora_layers(lora_layers, reference=True)
             ref = forward(net, size, x, t, cond).float()
-            net.enable_adapters()
+            switch_lora_layers(lora_layers, reference=False)
         ref_err = (ref - torch.cat([noise, noise]).float()).pow(2).mean(dim=(1, 2, 3)).clone()
         pred = forward(model, size, x, t, cond).float()
         err = (pred - torch.cat([noise, noise]).float()).pow(2).mean(dim=(1, 2, 3))
