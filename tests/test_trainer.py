@@ -534,7 +534,7 @@ def test_torch_compile_compiles_the_reference_forward_as_well_as_the_policys(tmp
     assert trainer.state.log_history[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
 
 
-def test_predict_gives_each_pairs_implicit_rewards_and_the_row_it_is_for(tmp_path, tiny_sd_path):
+def test_predict_and_compute_metrics_give_each_pairs_implicit_rewards_and_its_row(tmp_path, tiny_sd_path):
     """`trainer.predict` as TRL users know it: per pair [reward_chosen, reward_rejected] under evaluation's fixed
     noise, the dataset row as label (a tie, which training skips, has none), and the metrics `evaluate` reports,
     under `test_`, taken so none leaks into the next evaluation."""
@@ -557,6 +557,21 @@ def test_predict_gives_each_pairs_implicit_rewards_and_the_row_it_is_for(tmp_pat
     assert not trainer._metrics["eval"]
     again = trainer.evaluate(test)
     assert again["eval_rewards/margins"] == pytest.approx(out.metrics["test_rewards/margins"], rel=1e-5)
+
+    # compute_metrics, as trl.DPOTrainer takes it, sees the same per-pair predictions
+    seen = []
+
+    def median_margin(prediction):
+        seen.append((prediction.predictions, prediction.label_ids))
+        return {"median_margin": float(np.median(prediction.predictions[:, 0] - prediction.predictions[:, 1]))}
+
+    with_metrics = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(4), peft_config=lora(),
+                                  compute_metrics=median_margin)  # fmt: skip
+    with_metrics.model.load_state_dict(trainer.model.state_dict())
+    metrics = with_metrics.evaluate(test)
+    np.testing.assert_allclose(seen[0][0], out.predictions, rtol=1e-5)
+    assert seen[0][1].tolist() == [0, 1, 2, 3]
+    assert metrics["eval_median_margin"] == pytest.approx(np.median(out.predictions[:, 0] - out.predictions[:, 1]))
 
 
 def test_evaluation_reports_prefixed_metrics(tmp_path, tiny_sd_path):

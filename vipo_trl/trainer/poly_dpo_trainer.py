@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PredictionOutput, set_seed
+from transformers.trainer_utils import EvalPrediction, PredictionOutput, set_seed
 from transformers.utils import logging
 
 from ..data import (
@@ -150,6 +150,9 @@ class PolyDPOTrainer(Trainer):
             alignment that continues the last. The model card's loading code rebuilds it (fuse, then load this
             run's LoRA).
         data_collator: defaults to a `PreferenceCollator` (or `LatentCacheCollator`) built from `args`.
+        compute_metrics: as in `trl.DPOTrainer`, a function of a `transformers.EvalPrediction` whose `predictions`
+            are each evaluated pair's implicit rewards `[chosen, rejected]` and `label_ids` its dataset row (see
+            `predict`); what it returns is logged with the evaluation's metrics.
         callbacks, optimizers: as in `transformers.Trainer`.
 
     The trainer reads `args` and never rewrites it: `beta=None` resolves to the family's value in `self.beta`
@@ -169,6 +172,7 @@ class PolyDPOTrainer(Trainer):
         ref_model: str | os.PathLike | DiffusionPipeline | nn.Module | None = None,
         quantization_config: Any = None,
         start_from: str | os.PathLike | list[str | os.PathLike] | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None,
     ):
         if args is None:
             args = PolyDPOConfig(output_dir="poly-dpo-output")
@@ -247,6 +251,7 @@ class PolyDPOTrainer(Trainer):
             eval_dataset=eval_pairs,
             callbacks=[_PreferenceDataCallback(self), *(callbacks or [])],
             optimizers=optimizers,
+            compute_metrics=compute_metrics,
         )
         # Our loss is a per-batch mean: let Trainer divide it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
