@@ -149,6 +149,55 @@ def test_ref_model_from_an_earlier_lora_run_is_that_model(tmp_path, tiny_sd_path
     assert not any(p.requires_grad for p in full.ref_denoiser.parameters())
 
 
+def hub_cache_repo(cache, repo_id: str, source) -> None:
+    """`source`'s files as the Hub cache holds a downloaded snapshot of `repo_id` (read offline, as the tests run)."""
+    import shutil
+
+    storage = cache / ("models--" + repo_id.replace("/", "--"))
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text("a" * 40)
+    shutil.copytree(source, storage / "snapshots" / ("a" * 40))
+
+
+def test_ref_model_can_be_a_hub_repo_of_a_lora_or_of_a_pipeline(tmp_path, tiny_sd_path, monkeypatch):
+    """As the command line's help says: `ref_model` a hub id, of an earlier round pushed to the Hub (held as a frozen
+    adapter, recorded by its id) or of a whole pipeline (its denoiser, frozen); an id the Hub does not give is one
+    line naming it."""
+    from huggingface_hub import constants
+
+    first = PolyDPOTrainer(
+        tiny_sd_path, config(tmp_path, output_dir=str(tmp_path / "round1"), max_steps=2, learning_rate=5e-2),
+        pickapic_dataset(8), peft_config=lora(),
+    )  # fmt: skip
+    first.train()
+    first.save_model()
+    cache = tmp_path / "hub-cache"
+    hub_cache_repo(cache, "alice/round1", tmp_path / "round1")
+    hub_cache_repo(cache, "alice/base", tiny_sd_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    local = PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(8), peft_config=lora(),
+                           ref_model=str(tmp_path / "round1"))  # fmt: skip
+    hub = PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(8), peft_config=lora(),
+                         ref_model="alice/round1")  # fmt: skip
+    assert hub.ref_adapter == "reference" and hub.ref_denoiser is None and hub.ref_model_name == "alice/round1"
+    batch = one_batch(hub)
+    latents = hub.family.encode_images(batch["pixel_values_chosen"], hub._pair_generators(batch["row_index"], 0))
+    cond = hub.family.encode_conditioning(batch)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        expected = local._reference_prediction(local.model, latents, t, cond)
+        torch.testing.assert_close(hub._reference_prediction(hub.model, latents, t, cond), expected)
+        base = first.family.denoiser.__class__.from_pretrained(tiny_sd_path, subfolder="unet")
+        plain = base(latents, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        assert (expected - plain).abs().max() > 1e-3  # round 1 is not the base
+
+        full = PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(8), ref_model="alice/base")
+        torch.testing.assert_close(full._reference_prediction(full.model, latents, t, cond), plain)
+    with pytest.raises(ValueError, match=r"ref_model='a/nowhere' is no local folder, and the Hub did not give it"):
+        PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(8), peft_config=lora(), ref_model="a/nowhere")
+
+
 def test_an_earlier_loras_dropout_does_not_make_the_reference_random(tmp_path, tiny_sd_path):
     """A round-1 LoRA trained with dropout (the command line's default is 0.05), held as round 2's reference: in
     training mode its forward is still round 1's model, the same on every call."""

@@ -139,7 +139,8 @@ class PolyDPOTrainer(Trainer):
             `pytorch_lora_weights.safetensors` (an earlier run's output): the base with that LoRA, held as a second,
             frozen LoRA adapter of the same network under LoRA training (no second copy of the base). A pipeline
             folder, a denoiser folder (`config.json`), a loaded `DiffusionPipeline` or an `nn.Module`: that
-            denoiser, frozen.
+            denoiser, frozen. A hub id (`org/name`) of a LoRA, pipeline or denoiser repo is read as that folder
+            (of a pipeline, only the denoiser is downloaded) and recorded by its id.
         quantization_config: a `diffusers.BitsAndBytesConfig` (or `transformers`' one): QLoRA, the frozen base
             denoiser loaded in 4 or 8 bits with the LoRA trained on top in float32. Needs `peft_config` and a CUDA
             GPU (diffusers' bitsandbytes quantizer does not run on the CPU).
@@ -193,6 +194,8 @@ class PolyDPOTrainer(Trainer):
             )
         if peft_config is not None:
             check_lora_config(peft_config)
+        self._ref_model_name = reference_name(ref_model)  # as named: a hub id stays a hub id, not a cache path
+        ref_model = _hub_lora_snapshot(ref_model)
         if _lora_folder(ref_model) is not None:
             check_lora_file(os.fspath(ref_model))
         if isinstance(model, DiffusionFamily):
@@ -296,7 +299,7 @@ class PolyDPOTrainer(Trainer):
             logger.warning("ref_model is ignored: no selected loss (%s) reads a reference.", args.loss_type)
             ref_model = ref_lora = None
         #: The reference as recorded beside the weights (a resume must use the same; `reference_name`).
-        self.ref_model_name = reference_name(ref_model)
+        self.ref_model_name = None if ref_model is None else self._ref_model_name
         if self.is_lora:
             denoiser.requires_grad_(False)
             if denoiser.dtype != frozen_dtype and not _is_quantized(denoiser):
@@ -964,6 +967,35 @@ class _LossConfig:
         return getattr(self._args, name)
 
 
+def _is_hub_id(name: Any) -> bool:
+    return isinstance(name, str) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def _hub_snapshot(repo_id: str, patterns: list[str], ignore: list[str] | None = None) -> str:
+    """The local folder of `repo_id`'s files matching `patterns` (fetched, or from the Hub cache), or a one-line
+    error naming the repo."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=ignore)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ValueError(
+            f"ref_model={repo_id!r} is no local folder, and the Hub did not give it ({type(exc).__name__}: {reason}). "
+            "Name a folder, or a Hub repo of a LoRA, a pipeline or a denoiser that you can reach."
+        ) from None
+
+
+def _hub_lora_snapshot(ref_model: Any) -> Any:
+    """A `ref_model` hub id whose repo holds a LoRA (an earlier run pushed with `push_to_hub`) as the local snapshot
+    of that LoRA; anything else unchanged (`_reference_denoiser` fetches a pipeline's denoiser: it knows which)."""
+    if not _is_hub_id(ref_model):
+        return ref_model
+    folder = _hub_snapshot(ref_model, [LORA_WEIGHT_NAME, "vipo_trl_model.json"])
+    return folder if os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)) else ref_model
+
+
 def _lora_folder(ref_model: Any) -> str | None:
     if isinstance(ref_model, (str, os.PathLike)) and os.path.isfile(os.path.join(ref_model, LORA_WEIGHT_NAME)):
         return os.fspath(ref_model)
@@ -1001,6 +1033,14 @@ def _reference_denoiser(family: DiffusionFamily, ref_model: Any) -> nn.Module:
     if isinstance(ref_model, DiffusionPipeline):
         return getattr(ref_model, family.denoiser_name)
     path = os.fspath(ref_model)
+    if _is_hub_id(path):  # a pipeline repo (only its denoiser is fetched) or a fine-tuned denoiser's repo
+        name = family.denoiser_name
+        path = _hub_snapshot(
+            path,
+            ["model_index.json", f"{name}/config.json", f"{name}/diffusion_pytorch_model*.safetensors*", "config.json",
+             "diffusion_pytorch_model*.safetensors*"],
+            ignore=["*.fp16.*", "*non_ema*"],
+        )  # fmt: skip
     lora = _lora_folder(path)
     if lora is not None:
         network = copy.deepcopy(family.denoiser)
