@@ -195,7 +195,8 @@ class PolyDPOTrainer(Trainer):
         if peft_config is not None:
             check_lora_config(peft_config)
         self._ref_model_name = reference_name(ref_model)  # as named: a hub id stays a hub id, not a cache path
-        ref_model = _hub_lora_snapshot(ref_model)
+        if any(get_loss(name).needs_reference for name in args.loss_type):  # (else ignored, with a warning)
+            ref_model = _hub_lora_snapshot(ref_model)
         if _lora_folder(ref_model) is not None:
             check_lora_file(os.fspath(ref_model))
         if isinstance(model, DiffusionFamily):
