@@ -1129,6 +1129,69 @@ def test_a_chain_of_runs_is_recorded_whole_and_loaded_as_it_was_trained(tmp_path
     torch.testing.assert_close(prediction(pipe.unet), base, rtol=0, atol=0)
 
 
+def test_a_run_loaded_from_the_hub_brings_the_runs_it_started_from(tmp_path, tiny_sd_path, monkeypatch):
+    """SFT, then Poly-DPO from it, both pushed: `vipo-trl eval --lora you/stage2` (and `--start_from`) fuse stage 1
+    from the Hub before stage 2's LoRA, as trained, with stage 1's folder gone; a repo whose chain names a folder
+    that was never pushed is refused rather than loaded alone."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from vipo_trl.models.generation import fusion_chain, load_aligned_weights, started_from
+
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    first = PolyDPOTrainer(tiny_sd_path, config(tmp_path, output_dir=str(stage1), max_steps=1, learning_rate=5e-2),
+                           pickapic_dataset(4), peft_config=lora())  # fmt: skip
+    first.train()
+    first.save_model()
+    described = json.loads((stage1 / "vipo_trl_model.json").read_text())
+    (stage1 / "vipo_trl_model.json").write_text(json.dumps({**described, "hub_model_id": "you/stage1"}))  # pushed
+    second = PolyDPOTrainer(
+        tiny_sd_path, config(tmp_path, output_dir=str(stage2), max_steps=1, learning_rate=5e-2, seed=1),
+        pickapic_dataset(4), peft_config=lora(), start_from=str(stage1),
+    )  # fmt: skip
+    second.train()
+    second.save_model()
+    recorded = json.loads((stage2 / "vipo_trl_model.json").read_text())
+    assert recorded["started_from_published"] == [["you/stage1", "lora"]]
+
+    cache = tmp_path / "hub-cache"
+    hub_cache_repo(cache, "you/stage1", stage1)
+    hub_cache_repo(cache, "you/stage2", stage2)
+    (stage2 / "vipo_trl_model.json").write_text(
+        json.dumps({**recorded, "started_from_published": [[str(stage1), "lora"]]})
+    )
+    hub_cache_repo(cache, "you/unpushed-start", stage2)
+    monkeypatch.setattr(constants_module(), "HF_HUB_CACHE", str(cache))
+    shutil.rmtree(stage1)  # not on this machine: only its Hub repo
+
+    assert started_from("you/stage2") == [("you/stage1", "lora")]
+    assert fusion_chain(["you/stage2"]) == [("you/stage1", "lora"), ("you/stage2", "lora")]
+    latents, t, states = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 8, 16)
+
+    def prediction(unet):
+        with torch.no_grad():
+            return unet(latents, t, encoder_hidden_states=states).sample
+
+    trained = prediction(second.model)
+    loaded = load_aligned_weights(StableDiffusionPipeline.from_pretrained(tiny_sd_path), "you/stage2")
+    torch.testing.assert_close(prediction(loaded.unet), trained, rtol=1e-4, atol=1e-4)
+    alone = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    alone.load_lora_weights("you/stage2", weight_name="pytorch_lora_weights.safetensors")
+    assert (prediction(alone.unet) - trained).abs().max() > 1e-3  # stage 2's LoRA alone is another model
+    with pytest.raises(
+        ValueError, match=r"you/unpushed-start was trained on top of .*stage1, a folder .* never pushed"
+    ):
+        started_from("you/unpushed-start")
+
+
+def constants_module():
+    from huggingface_hub import constants
+
+    return constants
+
+
 @pytest.mark.parametrize("setting", ["start_from", "ref_model"])
 def test_resuming_without_the_same_start_or_reference_is_refused(tmp_path, tiny_sd_path, setting):
     """A checkpoint records what it was trained on top of and against; resuming without it would train on."""

@@ -123,7 +123,7 @@ def load_aligned_weights(pipe: Any, weights: str) -> Any:
     if check_aligned_weights(weights, pipe) == "lora":
         for earlier, _ in started_from(weights):
             _fuse_one(pipe, earlier)
-        pipe.load_lora_weights(weights)
+        _load_lora(pipe, weights)
         # A LoRA file whose metadata names a dropout (another trainer's, or this one's before 2026-12-08) is built
         # with it in training mode even in an eval-mode pipeline: sampling would drop activations at random.
         _denoiser_of(pipe)[1].eval()
@@ -159,12 +159,52 @@ def swap_in_aligned_weights(pipe: Any, weights: str) -> Callable[[], None]:
 
 def started_from(weights: str) -> list[tuple[str, str]]:
     """The earlier runs a training run's output was trained on top of, in the order they were fused (`start_from`,
-    as its `vipo_trl_model.json` records them); empty for a run that started from the base, or a hub id."""
-    path = os.path.join(weights, "vipo_trl_model.json")
-    if not os.path.isfile(path):
+    as its `vipo_trl_model.json` records them); empty for a run that started from the base. For a hub id, the repo's
+    `vipo_trl_model.json` is read and the runs are named as they were published (`started_from_published`): the
+    folders on the trainer's disk are not on this machine."""
+    if os.path.isdir(weights):
+        path = os.path.join(weights, "vipo_trl_model.json")
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            return [(str(w), str(kind)) for w, kind in json.load(f).get("started_from") or []]
+    path = _hub_file(weights, "vipo_trl_model.json")
+    if path is None:  # not trained by vipo-trl: nothing recorded
         return []
     with open(path) as f:
-        return [(str(w), str(kind)) for w, kind in json.load(f).get("started_from") or []]
+        described = json.load(f)
+    runs = [
+        (str(w), str(kind)) for w, kind in described.get("started_from_published", described.get("started_from")) or []
+    ]
+    missing = [w for w, _ in runs if os.path.isabs(w) and not os.path.exists(w)]
+    if missing:
+        raise ValueError(
+            f"{weights} was trained on top of {', '.join(missing)}, a folder on the disk it was trained on that was "
+            "never pushed to the Hub: loading it alone would give another model. Push that run and train this one "
+            "again from the pushed repo, or load from the folders themselves."
+        )
+    return runs
+
+
+def _hub_file(repo_id: str, filename: str) -> str | None:
+    """`filename` of Hub repo `repo_id`, downloaded (or from the Hub cache); None when the repo has no such file."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id, filename)
+    except EntryNotFoundError:
+        return None
+
+
+def _load_lora(pipe: Any, weights: str, **kwargs: Any) -> None:
+    """`pipe.load_lora_weights(weights)`; a Hub repo holding the file vipo-trl saves is read by that name, which
+    diffusers then also finds in the Hub cache offline (without a name it refuses there)."""
+    from .base import LORA_WEIGHT_NAME
+
+    if not os.path.isdir(weights) and _hub_file(weights, LORA_WEIGHT_NAME) is not None:
+        kwargs["weight_name"] = LORA_WEIGHT_NAME
+    pipe.load_lora_weights(weights, **kwargs)
 
 
 def published_name(weights: str) -> str:
@@ -214,7 +254,7 @@ def _fuse_one(pipe: Any, weights: str) -> Any:
                 f"{weights}: a LoRA cannot be fused into a {name} loaded in 4/8 bits; fuse it into the full-precision "
                 "model, save that pipeline, and quantize the saved one."
             )
-        pipe.load_lora_weights(weights, adapter_name="fused")
+        _load_lora(pipe, weights, adapter_name="fused")
         pipe.fuse_lora(components=[name], adapter_names=["fused"])
         pipe.unload_lora_weights()
     else:

@@ -52,6 +52,7 @@ from ..models.base import (
     save_gathered_weights,
     to_device,
 )
+from ..models.generation import published_name
 from ..utils import stable_seed
 from .cache_builder import cache_settings
 from .model_card import build_model_card
@@ -749,6 +750,9 @@ class PolyDPOTrainer(Trainer):
             with open(os.path.join(scratch, "vipo_trl_model.json"), "w") as f:
                 description = {**self.family.describe(), "lora": self.is_lora, "loss_type": self.args.loss_type}
                 description["started_from"] = self.family.fused_runs  # fused into the base before training
+                # ... and by the names they are loaded by elsewhere (the Hub repo a pushed run records), which
+                # `started_from` reads when this run is loaded from the Hub
+                description["started_from_published"] = [[published_name(w), k] for w, k in self.family.fused_runs]
                 description["ref_model"] = self.ref_model_name
                 # Where the run is published, so the card of a later run started from this folder names the repo
                 description["hub_model_id"] = self.hub_model_id if self.args.push_to_hub else None
