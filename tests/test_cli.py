@@ -402,6 +402,16 @@ def test_start_from_trains_a_second_stage_on_top_of_an_earlier_run(
             main(["train", *argv, *common(tmp_path, "x")])
         assert message in capsys.readouterr().err
 
+    # The second stage as a reference on the bare base would be a model nobody trained: refused before loading
+    import vipo_trl.trainer
+
+    monkeypatch.setattr(vipo_trl.trainer, "PolyDPOTrainer", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit):
+        main(["train", *named, "--ref_model", "dpo", *lora, *common(tmp_path, "x")])
+    err = capsys.readouterr().err
+    assert f"--ref_model dpo: that LoRA was trained on top of {tmp_path / 'sft'}, but this run's base is" in err
+    assert "pass --start_from 'dpo' instead" in err
+
 
 def test_resuming_without_the_runs_start_from_is_refused_before_the_model_loads(
     tmp_path, tiny_sd_path, parquet, capsys, monkeypatch

@@ -1186,6 +1186,31 @@ def test_a_run_loaded_from_the_hub_brings_the_runs_it_started_from(tmp_path, tin
         started_from("you/unpushed-start")
 
 
+def test_a_lora_reference_must_share_the_base_it_was_trained_on(tmp_path, tiny_sd_path):
+    """Round 1 started from an SFT stage: as `ref_model` on the bare base it would be a model nobody trained (refused,
+    LoRA and full fine-tuning alike); with the same `start_from` it is round 1's model exactly."""
+    sft, round1 = tmp_path / "sft", tmp_path / "round1"
+    for out, start in ((sft, None), (round1, str(sft))):
+        trainer = PolyDPOTrainer(
+            tiny_sd_path, config(tmp_path, output_dir=str(out), max_steps=1, learning_rate=5e-2),
+            pickapic_dataset(4), peft_config=lora(), start_from=start,
+        )  # fmt: skip
+        trainer.train()
+        trainer.save_model()
+    message = r"ref_model=.*round1: that LoRA was trained on top of .*sft, but this run's base is the base model alone"
+    for peft_config in (lora(), None):
+        with pytest.raises(ValueError, match=message):
+            PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(4), peft_config=peft_config,
+                           ref_model=str(round1))  # fmt: skip
+    both = PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(4), peft_config=lora(),
+                          start_from=str(sft), ref_model=str(round1))  # fmt: skip
+    latents, t, states = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 8, 16)
+    with torch.no_grad():
+        reference = both._reference_prediction(both.model, latents, t, {"encoder_hidden_states": states})
+        trained = trainer.model(latents, t, encoder_hidden_states=states).sample
+    torch.testing.assert_close(reference, trained, rtol=1e-4, atol=1e-4)
+
+
 def constants_module():
     from huggingface_hub import constants
 

@@ -200,6 +200,27 @@ def check_resume(config: Any, peft_config: Any = None, start_from: Any = None, r
     _check_same_start_and_reference(resume, start_from, ref_model)
 
 
+def check_reference_base(ref_model: str | None, start_from: list[str] | None) -> None:
+    """A LoRA --ref_model trained on top of other runs needs them as --start_from too (the trainer's rule,
+    `check_reference_lora_base`), refused before the model loads."""
+    from ..models.base import LORA_WEIGHT_NAME
+    from ..models.generation import fusion_chain
+    from ..trainer.poly_dpo_trainer import check_reference_lora_base
+
+    path = os.path.expanduser(ref_model or "")
+    if not ref_model or not os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
+        return  # none, a pipeline, or a hub id (the trainer checks what it fetches)
+    try:
+        chain = fusion_chain([os.path.expanduser(w) for w in start_from or []])
+    except ValueError:
+        return  # a bad --start_from is reported by its own check
+    try:
+        check_reference_lora_base(path, chain)
+    except ValueError as exc:
+        message = str(exc).replace("ref_model=", "--ref_model ", 1).replace("start_from=", "--start_from ")
+        raise CliError(message.replace("give start_from", "give --start_from")) from None
+
+
 def _check_same_start_and_reference(checkpoint: str, start_from: Any, ref_model: Any) -> None:
     """What the trainer would refuse once the model is loaded (`resume_mismatch`), refused before."""
     from ..models.generation import fusion_chain

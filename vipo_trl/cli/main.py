@@ -181,6 +181,7 @@ def train(argv: list[str]) -> None:
         checks.check_ref_model(train_args.ref_model)
     for weights in train_args.start_from or []:
         checks.check_aligned(weights, "--start_from")
+    checks.check_reference_base(train_args.ref_model, train_args.start_from)
     if train_args.reward_scorers and not config.validation_prompts:
         raise CliError("--reward_scorers scores the images drawn for --validation_prompts: give those prompts too.")
     checks.check_output_dir(config)

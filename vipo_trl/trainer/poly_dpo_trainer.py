@@ -52,7 +52,7 @@ from ..models.base import (
     save_gathered_weights,
     to_device,
 )
-from ..models.generation import published_name
+from ..models.generation import published_name, started_from
 from ..utils import stable_seed
 from .cache_builder import cache_settings
 from .model_card import build_model_card
@@ -300,6 +300,8 @@ class PolyDPOTrainer(Trainer):
         if ref_model is not None and not self.needs_reference:
             logger.warning("ref_model is ignored: no selected loss (%s) reads a reference.", args.loss_type)
             ref_model = ref_lora = None
+        if ref_lora is not None:
+            check_reference_lora_base(ref_lora, self.family.fused_runs)
         #: The reference as recorded beside the weights (a resume must use the same; `reference_name`).
         self.ref_model_name = None if ref_model is None else self._ref_model_name
         if self.is_lora:
@@ -999,6 +1001,25 @@ def _hub_lora_snapshot(ref_model: Any) -> Any:
         return ref_model
     folder = _hub_snapshot(ref_model, [LORA_WEIGHT_NAME, "vipo_trl_model.json"])
     return folder if os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)) else ref_model
+
+
+def check_reference_lora_base(ref_lora: str, fused_runs: list[tuple[str, str]]) -> None:
+    """A LoRA reference is that LoRA on this run's base (as an adapter, or fused into a copy): right only when the
+    LoRA was trained on top of the same runs this run started from (`start_from`); otherwise it would be a model
+    nobody trained."""
+    trained_on = [tuple(run) for run in started_from(ref_lora)]
+    here = [tuple(run) for run in fused_runs]
+    if trained_on != here:
+
+        def names(runs: list) -> str:
+            return ", ".join(w for w, _ in runs) if runs else "the base model alone"
+
+        raise ValueError(
+            f"ref_model={ref_lora}: that LoRA was trained on top of {names(trained_on)}, but this run's base is "
+            f"{names(here)}, and the LoRA on another base is another model. To train on top of it, pass "
+            f"start_from={ref_lora!r} instead (it is then the reference too); to keep this run's start, give "
+            "start_from the runs it was trained on top of as well, so the two bases agree."
+        )
 
 
 def _lora_folder(ref_model: Any) -> str | None:
