@@ -1211,6 +1211,24 @@ def test_a_lora_reference_must_share_the_base_it_was_trained_on(tmp_path, tiny_s
     torch.testing.assert_close(reference, trained, rtol=1e-4, atol=1e-4)
 
 
+def test_a_hub_run_that_does_not_exist_is_named_in_one_line(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from vipo_trl.models.generation import started_from
+
+    def not_found(repo_id, filename, **kwargs):
+        error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # (its constructor wants an HTTP response)
+        error.args = ("404 Client Error. Repository Not Found",)
+        raise error
+
+    with monkeypatch.context() as patched:
+        patched.setattr(huggingface_hub, "hf_hub_download", not_found)
+        with pytest.raises(ValueError, match=r"you/typo: no such folder here, and no such repo on the Hub"):
+            started_from("you/typo")
+    assert started_from("you/never-downloaded") == []  # offline, nothing cached: nothing recorded to read
+
+
 def constants_module():
     from huggingface_hub import constants
 

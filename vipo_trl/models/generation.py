@@ -189,12 +189,17 @@ def started_from(weights: str) -> list[tuple[str, str]]:
 def _hub_file(repo_id: str, filename: str) -> str | None:
     """`filename` of Hub repo `repo_id`, downloaded (or from the Hub cache); None when the repo has no such file."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
     try:
         return hf_hub_download(repo_id, filename)
-    except EntryNotFoundError:
+    except EntryNotFoundError:  # (offline, a file not in the Hub cache reads the same)
         return None
+    except RepositoryNotFoundError:
+        raise ValueError(
+            f"{repo_id}: no such folder here, and no such repo on the Hub that this machine may read (a private or "
+            "gated repo needs `hf auth login`)."
+        ) from None
 
 
 def _load_lora(pipe: Any, weights: str, **kwargs: Any) -> None:
