@@ -410,7 +410,8 @@ def test_start_from_trains_a_second_stage_on_top_of_an_earlier_run(
         main(["train", *named, "--ref_model", "dpo", *lora, *common(tmp_path, "x")])
     err = capsys.readouterr().err
     assert f"--ref_model dpo: that LoRA was trained on top of {tmp_path / 'sft'}, but this run's base is" in err
-    assert "pass --start_from 'dpo' instead" in err
+    assert "pass --start_from dpo instead" in err
+    assert f"keep it as the reference, pass --start_from {tmp_path / 'sft'}." in err
 
 
 def test_resuming_without_the_runs_start_from_is_refused_before_the_model_loads(

@@ -215,10 +215,9 @@ def check_reference_base(ref_model: str | None, start_from: list[str] | None) ->
     except ValueError:
         return  # a bad --start_from is reported by its own check
     try:
-        check_reference_lora_base(path, chain)
+        check_reference_lora_base(path, chain, flags=True)
     except ValueError as exc:
-        message = str(exc).replace("ref_model=", "--ref_model ", 1).replace("start_from=", "--start_from ")
-        raise CliError(message.replace("give start_from", "give --start_from")) from None
+        raise CliError(str(exc)) from None
 
 
 def _check_same_start_and_reference(checkpoint: str, start_from: Any, ref_model: Any) -> None:

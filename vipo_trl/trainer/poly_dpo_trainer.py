@@ -1003,23 +1003,27 @@ def _hub_lora_snapshot(ref_model: Any) -> Any:
     return folder if os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)) else ref_model
 
 
-def check_reference_lora_base(ref_lora: str, fused_runs: list[tuple[str, str]]) -> None:
+def check_reference_lora_base(ref_lora: str, fused_runs: list[tuple[str, str]], flags: bool = False) -> None:
     """A LoRA reference is that LoRA on this run's base (as an adapter, or fused into a copy): right only when the
     LoRA was trained on top of the same runs this run started from (`start_from`); otherwise it would be a model
-    nobody trained."""
+    nobody trained. `flags`: the message names the command line's flags."""
     trained_on = [tuple(run) for run in started_from(ref_lora)]
     here = [tuple(run) for run in fused_runs]
-    if trained_on != here:
+    if trained_on == here:
+        return
 
-        def names(runs: list) -> str:
-            return ", ".join(w for w, _ in runs) if runs else "the base model alone"
+    def names(runs: list) -> str:
+        return ", ".join(w for w, _ in runs) if runs else "the base model alone"
 
-        raise ValueError(
-            f"ref_model={ref_lora}: that LoRA was trained on top of {names(trained_on)}, but this run's base is "
-            f"{names(here)}, and the LoRA on another base is another model. To train on top of it, pass "
-            f"start_from={ref_lora!r} instead (it is then the reference too); to keep this run's start, give "
-            "start_from the runs it was trained on top of as well, so the two bases agree."
-        )
+    ref, start = ("--ref_model ", "--start_from ") if flags else ("ref_model=", "start_from=")
+    under = " ".join(w for w, _ in trained_on) if flags else repr([w for w, _ in trained_on])
+    fixes = [f"To train on top of it, pass {start}{ref_lora} instead (it is then the reference too)"]
+    if trained_on:
+        fixes.append(f"to start from the runs under it and keep it as the reference, pass {start}{under}")
+    raise ValueError(
+        f"{ref}{ref_lora}: that LoRA was trained on top of {names(trained_on)}, but this run's base is {names(here)}, "
+        f"and the LoRA on another base is another model. {'; '.join(fixes)}."
+    )
 
 
 def _lora_folder(ref_model: Any) -> str | None:
