@@ -1184,6 +1184,12 @@ def test_a_run_loaded_from_the_hub_brings_the_runs_it_started_from(tmp_path, tin
         ValueError, match=r"you/unpushed-start was trained on top of .*stage1, a folder .* never pushed"
     ):
         started_from("you/unpushed-start")
+    # Round 3 against stage 2 from the Hub, starting from stage 1 from the Hub: the bases agree by their repo names
+    third = PolyDPOTrainer(tiny_sd_path, config(tmp_path), pickapic_dataset(4), peft_config=lora(),
+                           start_from="you/stage1", ref_model="you/stage2")  # fmt: skip
+    with torch.no_grad():
+        reference = third._reference_prediction(third.model, latents, t, {"encoder_hidden_states": states})
+    torch.testing.assert_close(reference, trained, rtol=1e-4, atol=1e-4)
 
 
 def test_a_lora_reference_must_share_the_base_it_was_trained_on(tmp_path, tiny_sd_path):

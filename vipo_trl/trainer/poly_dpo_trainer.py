@@ -1009,7 +1009,12 @@ def check_reference_lora_base(ref_lora: str, fused_runs: list[tuple[str, str]], 
     nobody trained. `flags`: the message names the command line's flags."""
     trained_on = [tuple(run) for run in started_from(ref_lora)]
     here = [tuple(run) for run in fused_runs]
-    if trained_on == here:
+    described = os.path.join(ref_lora, "vipo_trl_model.json")
+    published = trained_on
+    if os.path.isfile(described):  # a LoRA fetched from the Hub names its starts by their repos
+        with open(described) as f:
+            published = [tuple(run) for run in json.load(f).get("started_from_published") or trained_on]
+    if here in (trained_on, published):
         return
 
     def names(runs: list) -> str:
