@@ -301,7 +301,7 @@ class PolyDPOTrainer(Trainer):
             logger.warning("ref_model is ignored: no selected loss (%s) reads a reference.", args.loss_type)
             ref_model = ref_lora = None
         if ref_lora is not None:
-            check_reference_lora_base(ref_lora, self.family.fused_runs)
+            check_reference_lora_base(ref_lora, self.family.fused_runs, name=self._ref_model_name)
         #: The reference as recorded beside the weights (a resume must use the same; `reference_name`).
         self.ref_model_name = None if ref_model is None else self._ref_model_name
         if self.is_lora:
@@ -1003,10 +1003,13 @@ def _hub_lora_snapshot(ref_model: Any) -> Any:
     return folder if os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME)) else ref_model
 
 
-def check_reference_lora_base(ref_lora: str, fused_runs: list[tuple[str, str]], flags: bool = False) -> None:
+def check_reference_lora_base(
+    ref_lora: str, fused_runs: list[tuple[str, str]], flags: bool = False, name: str | None = None
+) -> None:
     """A LoRA reference is that LoRA on this run's base (as an adapter, or fused into a copy): right only when the
     LoRA was trained on top of the same runs this run started from (`start_from`); otherwise it would be a model
-    nobody trained. `flags`: the message names the command line's flags."""
+    nobody trained. `flags`: the message names the command line's flags; `name`: the reference as the user named it
+    (a hub id for a fetched snapshot), whose earlier runs are then named by their repos."""
     trained_on = [tuple(run) for run in started_from(ref_lora)]
     here = [tuple(run) for run in fused_runs]
     described = os.path.join(ref_lora, "vipo_trl_model.json")
@@ -1016,6 +1019,8 @@ def check_reference_lora_base(ref_lora: str, fused_runs: list[tuple[str, str]], 
             published = [tuple(run) for run in json.load(f).get("started_from_published") or trained_on]
     if here in (trained_on, published):
         return
+    if name is not None and name != ref_lora:
+        ref_lora, trained_on = name, published
 
     def names(runs: list) -> str:
         return ", ".join(w for w, _ in runs) if runs else "the base model alone"
