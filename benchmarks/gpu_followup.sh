@@ -3,8 +3,9 @@
 #   bash benchmarks/gpu_followup.sh            # 1 + 2, at most 8.5 minutes (timeout_s 560)
 #   bash benchmarks/gpu_followup.sh compile    # 3, in a second call if device time remains
 # 1. PolyDPOTrainer against the diffusers-style LoRA loop at SD1.5 size (bench_step.py, bf16, 512 px; 1.18x slower on
-#    2026-11-27, before the VAE ran in bf16, before the per-step unwrap/dtype walks went and before the CPU-drawn noise,
-#    timesteps and time ids were copied to the GPU without blocking), and with images decoded by DataLoader workers.
+#    2026-11-27, before the VAE ran in bf16, before the per-step unwrap/dtype walks went, before the CPU-drawn noise,
+#    timesteps and time ids were copied to the GPU without blocking, and before the reference switch stopped walking
+#    every module: 12 ms of host time a step at this size), and with images decoded by DataLoader workers.
 # 2. Both under the profiler, the steps after warm-up only (profile_step.py): per step, cudaStreamSynchronize calls
 #    and device time by operator, to see what is left of the gap.
 # 3. torch.compile at SDXL size.
