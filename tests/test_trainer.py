@@ -44,6 +44,14 @@ def one_batch(trainer):
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
+def trained_and_saved(*args, **kwargs) -> PolyDPOTrainer:
+    """A `PolyDPOTrainer(*args, **kwargs)` run to its end and saved: an earlier run for the next one to use."""
+    trainer = PolyDPOTrainer(*args, **kwargs)
+    trainer.train()
+    trainer.save_model()
+    return trainer
+
+
 class StepRecorder(TrainerCallback):
     """The optimizer steps a run executes (1-based): a resume must run only the remaining ones."""
 
@@ -163,14 +171,13 @@ def test_ref_model_can_be_a_hub_repo_of_a_lora_or_of_a_pipeline(tmp_path, tiny_s
     """As the command line's help says: `ref_model` a hub id, of an earlier round pushed to the Hub (held as a frozen
     adapter, recorded by its id) or of a whole pipeline (its denoiser, frozen); an id the Hub does not give is one
     line naming it."""
+    from diffusers import UNet2DConditionModel
     from huggingface_hub import constants
 
-    first = PolyDPOTrainer(
+    trained_and_saved(
         tiny_sd_path, config(tmp_path, output_dir=str(tmp_path / "round1"), max_steps=2, learning_rate=5e-2),
         pickapic_dataset(8), peft_config=lora(),
     )  # fmt: skip
-    first.train()
-    first.save_model()
     cache = tmp_path / "hub-cache"
     hub_cache_repo(cache, "alice/round1", tmp_path / "round1")
     hub_cache_repo(cache, "alice/base", tiny_sd_path)
@@ -188,7 +195,7 @@ def test_ref_model_can_be_a_hub_repo_of_a_lora_or_of_a_pipeline(tmp_path, tiny_s
     with torch.no_grad():
         expected = local._reference_prediction(local.model, latents, t, cond)
         torch.testing.assert_close(hub._reference_prediction(hub.model, latents, t, cond), expected)
-        base = first.family.denoiser.__class__.from_pretrained(tiny_sd_path, subfolder="unet")
+        base = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
         plain = base(latents, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
         assert (expected - plain).abs().max() > 1e-3  # round 1 is not the base
 
@@ -205,9 +212,7 @@ def test_an_earlier_loras_dropout_does_not_make_the_reference_random(tmp_path, t
 
     dropout = LoraConfig(**{**lora().to_dict(), "lora_dropout": 0.5})
     args = config(tmp_path, output_dir=str(tmp_path / "round1"), max_steps=2, learning_rate=5e-2)
-    first = PolyDPOTrainer(tiny_sd_path, args, pickapic_dataset(8), peft_config=dropout)
-    first.train()
-    first.save_model()
+    trained_and_saved(tiny_sd_path, args, pickapic_dataset(8), peft_config=dropout)
     second = PolyDPOTrainer(
         tiny_sd_path, config(tmp_path), pickapic_dataset(8), peft_config=dropout, ref_model=str(tmp_path / "round1")
     )
@@ -1136,15 +1141,14 @@ def test_a_run_loaded_from_the_hub_brings_the_runs_it_started_from(tmp_path, tin
     import json
     import shutil
 
+    import huggingface_hub
     from diffusers import StableDiffusionPipeline
 
     from vipo_trl.models.generation import fusion_chain, load_aligned_weights, started_from
 
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    first = PolyDPOTrainer(tiny_sd_path, config(tmp_path, output_dir=str(stage1), max_steps=1, learning_rate=5e-2),
-                           pickapic_dataset(4), peft_config=lora())  # fmt: skip
-    first.train()
-    first.save_model()
+    trained_and_saved(tiny_sd_path, config(tmp_path, output_dir=str(stage1), max_steps=1, learning_rate=5e-2),
+                      pickapic_dataset(4), peft_config=lora())  # fmt: skip
     described = json.loads((stage1 / "vipo_trl_model.json").read_text())
     (stage1 / "vipo_trl_model.json").write_text(json.dumps({**described, "hub_model_id": "you/stage1"}))  # pushed
     second = PolyDPOTrainer(
@@ -1163,7 +1167,7 @@ def test_a_run_loaded_from_the_hub_brings_the_runs_it_started_from(tmp_path, tin
         json.dumps({**recorded, "started_from_published": [[str(stage1), "lora"]]})
     )
     hub_cache_repo(cache, "you/unpushed-start", stage2)
-    monkeypatch.setattr(constants_module(), "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     shutil.rmtree(stage1)  # not on this machine: only its Hub repo
 
     assert started_from("you/stage2") == [("you/stage1", "lora")]
@@ -1233,12 +1237,6 @@ def test_a_hub_run_that_does_not_exist_is_named_in_one_line(monkeypatch):
         with pytest.raises(ValueError, match=r"you/typo: no such folder here, and no such repo on the Hub"):
             started_from("you/typo")
     assert started_from("you/never-downloaded") == []  # offline, nothing cached: nothing recorded to read
-
-
-def constants_module():
-    from huggingface_hub import constants
-
-    return constants
 
 
 @pytest.mark.parametrize("setting", ["start_from", "ref_model"])
